@@ -90,7 +90,11 @@ fn is_local_v4(addr_be: u32) -> bool {
 fn record_orig_dst(ctx: &SockAddrContext, addr_be: u32, port_be: u16) -> Result<(), ()> {
     // SAFETY: `ctx.sock_addr` is the program's context pointer.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr as *mut c_void) };
-    let dst = OrigDst { addr_be, port_be, _pad: 0 };
+    let dst = OrigDst {
+        addr_be,
+        port_be,
+        _pad: 0,
+    };
     CONNECT_DST.insert(&cookie, &dst, 0).map_err(|_| ())
 }
 

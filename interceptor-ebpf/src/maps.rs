@@ -5,9 +5,7 @@ use aya_ebpf::{
     macros::map,
     maps::{HashMap, LruHashMap},
 };
-use interceptor_common::{
-    ConnKey, EnrolledCgroup, OrigDst, MAX_ENROLLED, MAX_PENDING_CONNECTS,
-};
+use interceptor_common::{ConnKey, EnrolledCgroup, OrigDst, MAX_ENROLLED, MAX_PENDING_CONNECTS};
 
 /// Enrolled workloads: cgroup v2 id to the workload's namespace and outbound listener.
 /// Written only by the daemon.

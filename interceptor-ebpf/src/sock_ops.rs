@@ -50,8 +50,22 @@ fn rekey_orig_dst(ctx: &SockOpsContext) {
     // SAFETY: the kernel hands every program of this type a valid `bpf_sock_ops`.
     let ops = unsafe { &*ctx.ops };
     // A dual-stack socket connected to an IPv4-mapped address keeps its IPv4 source
-    // address in the last word of `local_ip6`.
-    let src_addr_be = if ops.family == AF_INET6 { ops.local_ip6[3] } else { ops.local_ip4 };
+    // address in the last word of `local_ip6`. Verifier: both fields are loaded at
+    // fixed offsets before choosing; a branch-selected field offset would make the
+    // compiler add a variable to the context pointer, which the verifier rejects
+    // ("dereference of modified ctx ptr").
+    // SAFETY: plain loads of context fields the program type may read.
+    let (ip4, ip6_last) = unsafe {
+        (
+            core::ptr::read_volatile(&ops.local_ip4),
+            core::ptr::read_volatile(&ops.local_ip6[3]),
+        )
+    };
+    let src_addr_be = if ops.family == AF_INET6 {
+        ip6_last
+    } else {
+        ip4
+    };
     let key = ConnKey {
         // SAFETY: `ctx.ops` is the program's context pointer.
         netns_cookie: unsafe { bpf_get_netns_cookie(ctx.ops as *mut c_void) },

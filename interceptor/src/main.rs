@@ -1,1 +1,118 @@
-fn main() {}
+//! `interceptor`: the node daemon of an eBPF-accelerated transparent mTLS mesh, and its
+//! administrative commands.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+use interceptor::config::RunConfig;
+use interceptor::{daemon, ebpf, identity, netns};
+
+#[derive(Parser, Debug)]
+#[command(
+    version,
+    about = "Transparent mutual-TLS interceptor for a service mesh, without iptables or sidecars"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the node daemon: attach the eBPF programs, enroll this node's workloads and
+    /// carry their TCP connections over mutual TLS.
+    Run(RunConfig),
+    /// Manage the certificate authority.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+    /// Remove a node's pinned eBPF programs and maps, ending interception (and its
+    /// fail-closed guard) for that node's pods.
+    Uninstall {
+        /// Name of the node whose pins to remove.
+        #[arg(long, env = "INTERCEPTOR_NODE")]
+        node: String,
+        /// Mount point of the bpffs holding the pins.
+        #[arg(long, env = "INTERCEPTOR_BPFFS", default_value = "/sys/fs/bpf")]
+        bpffs: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum CaCommand {
+    /// Create a new root CA (P-256 key, mode 0600) in a directory.
+    Init {
+        /// Directory to write `ca-cert.pem` and `ca-key.pem` to; created if missing.
+        #[arg(long, env = "INTERCEPTOR_CA_DIR")]
+        dir: PathBuf,
+        /// Trust domain whose workload identities the CA signs, e.g. `cluster.local`.
+        #[arg(long)]
+        trust_domain: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_env("INTERCEPTOR_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false)
+        .init();
+    match execute(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!("{error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn execute(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Run(config) => {
+            if let Err(problems) = config.validate() {
+                anyhow::bail!("invalid flags:\n  {}", problems.join("\n  "));
+            }
+            // Threads inherit the namespace of the thread that creates them, so the
+            // runtime's workers start in the node's namespace.
+            if let Some(netns) = &config.netns {
+                netns::enter(netns).context("entering the node's network namespace")?;
+            }
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(config.worker_threads)
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            runtime.block_on(daemon::run(config))?;
+            Ok(())
+        }
+        Command::Ca {
+            command: CaCommand::Init { dir, trust_domain },
+        } => {
+            let trust_domain = trust_domain
+                .parse::<identity::TrustDomain>()
+                .with_context(|| format!("invalid --trust-domain {trust_domain:?}"))?;
+            identity::CertificateAuthority::init(&dir, &trust_domain)
+                .with_context(|| format!("creating a CA in {}", dir.display()))?;
+            tracing::info!(dir = %dir.display(), %trust_domain, "created CA");
+            Ok(())
+        }
+        Command::Uninstall { node, bpffs } => {
+            if ebpf::uninstall(&bpffs, &node)? {
+                tracing::info!(%node, "removed the node's pinned programs and maps");
+            } else {
+                tracing::info!(%node, "nothing to remove: no pins for this node");
+            }
+            Ok(())
+        }
+    }
+}

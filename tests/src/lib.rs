@@ -6,11 +6,13 @@
 //! - [`write_mesh_config`]: writes the daemon's workload directory file for an island.
 //! - [`Capture`] and [`pcap`]: tcpdump captures and a reader for what they hold.
 //! - [`require_privileges`]: the first line of every privileged test.
+//! - [`mesh::Mesh`]: the workload directory, a CA and one daemon per node of an island.
 //!
 //! The `mesh-peer` binary of this crate is the plain TCP client and server that tests
 //! run inside pods; [`mesh_peer_payload`] is the data its client sends.
 
 mod capture;
+pub mod mesh;
 mod mesh_config;
 pub mod pcap;
 mod privileges;

@@ -1,0 +1,163 @@
+//! Command-line configuration of the daemon.
+//!
+//! Every flag has an `INTERCEPTOR_*` environment fallback. The workload directory the
+//! daemon serves is a separate file (`--config`, see [`crate::workloads`]).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+
+/// Ports the tunnel never delivers to, so it cannot become a proxy to the daemon's own
+/// listeners inside a pod: besides the configured outbound and tunnel ports, Istio's
+/// inbound (15006) and admin (15020) numbers, which operators expect to be the mesh's.
+pub const RESERVED_PORTS: [u16; 2] = [15006, 15020];
+
+/// Flags of `interceptor run`.
+#[derive(Args, Debug, Clone)]
+pub struct RunConfig {
+    /// Workload directory file (TOML) shared by every daemon of the mesh.
+    #[arg(long, env = "INTERCEPTOR_CONFIG")]
+    pub config: PathBuf,
+
+    /// Name of this daemon's node in the workload directory.
+    #[arg(long, env = "INTERCEPTOR_NODE")]
+    pub node: String,
+
+    /// Directory holding `ca-cert.pem` and `ca-key.pem`, as written by `interceptor ca init`.
+    #[arg(long, env = "INTERCEPTOR_CA_DIR")]
+    pub ca_dir: PathBuf,
+
+    /// Network namespace to run the daemon in (a file such as `/run/netns/node1`);
+    /// by default the one it was started in. The standalone topology runs each node's
+    /// daemon in the node's namespace.
+    #[arg(long, env = "INTERCEPTOR_NETNS")]
+    pub netns: Option<PathBuf>,
+
+    /// Mount point of the bpffs holding the pinned programs and maps; mounted if missing.
+    #[arg(long, env = "INTERCEPTOR_BPFFS", default_value = "/sys/fs/bpf")]
+    pub bpffs: PathBuf,
+
+    /// Port of the outbound listener on 127.0.0.1 in each pod.
+    #[arg(long, env = "INTERCEPTOR_OUTBOUND_PORT", default_value_t = 15001)]
+    pub outbound_port: u16,
+
+    /// Port of the mTLS tunnel listener on each pod's IP.
+    #[arg(long, env = "INTERCEPTOR_TUNNEL_PORT", default_value_t = 15008)]
+    pub tunnel_port: u16,
+
+    /// Time allowed for a tunnel's TCP connect, TLS handshake and preamble, e.g. `10s`.
+    #[arg(long, env = "INTERCEPTOR_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub handshake_timeout: Duration,
+
+    /// Time allowed to connect to a destination (the app in the pod, or a host outside
+    /// the mesh), e.g. `5s`.
+    #[arg(long, env = "INTERCEPTOR_CONNECT_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+
+    /// Lifetime of workload certificates (SVIDs); each is renewed at half its lifetime.
+    #[arg(long, env = "INTERCEPTOR_SVID_LIFETIME", default_value = "1h", value_parser = parse_duration)]
+    pub svid_lifetime: Duration,
+
+    /// Number of async worker threads.
+    #[arg(long, env = "INTERCEPTOR_WORKER_THREADS", default_value_t = 2)]
+    pub worker_threads: usize,
+}
+
+impl RunConfig {
+    /// Checks values that depend on each other; returns every problem at once.
+    pub fn validate(&self) -> Result<(), Vec<String>> {
+        let mut problems = Vec::new();
+        if self.outbound_port == 0 {
+            problems.push("--outbound-port 0: must be a port number from 1 to 65535".to_owned());
+        }
+        if self.tunnel_port == 0 {
+            problems.push("--tunnel-port 0: must be a port number from 1 to 65535".to_owned());
+        }
+        if self.outbound_port == self.tunnel_port {
+            problems.push(format!(
+                "--outbound-port {} and --tunnel-port {}: must differ",
+                self.outbound_port, self.tunnel_port
+            ));
+        }
+        for (flag, value) in [
+            ("--handshake-timeout", self.handshake_timeout),
+            ("--connect-timeout", self.connect_timeout),
+        ] {
+            if value.is_zero() {
+                problems.push(format!("{flag} 0s: must be longer than zero"));
+            }
+        }
+        if self.svid_lifetime < Duration::from_secs(2) {
+            problems.push(format!(
+                "--svid-lifetime {:?}: must be at least 2s",
+                self.svid_lifetime
+            ));
+        }
+        if self.worker_threads == 0 {
+            problems.push("--worker-threads 0: must be at least 1".to_owned());
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems)
+        }
+    }
+
+    /// Returns whether the tunnel must refuse to deliver to `port`.
+    pub fn is_reserved_port(&self, port: u16) -> bool {
+        port == 0
+            || port == self.outbound_port
+            || port == self.tunnel_port
+            || RESERVED_PORTS.contains(&port)
+    }
+}
+
+/// Parses a duration written as a number and a unit: `ms`, `s`, `m` or `h`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let invalid = || {
+        format!("invalid duration {text:?}: expected a whole number with a unit (ms, s, m or h), e.g. 10s")
+    };
+    let value: u64 = number.parse().map_err(|_| invalid())?;
+    let millis = match unit {
+        "ms" => Some(value),
+        "s" => value.checked_mul(1_000),
+        "m" => value.checked_mul(60_000),
+        "h" => value.checked_mul(3_600_000),
+        _ => None,
+    };
+    millis.map(Duration::from_millis).ok_or_else(invalid)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn duration_units_parse() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+    }
+
+    #[test]
+    fn duration_rejects_bad_input() {
+        for text in [
+            "",
+            "10",
+            "s",
+            "1.5s",
+            "-1s",
+            "10 s",
+            "10d",
+            "99999999999999999999h",
+        ] {
+            assert!(parse_duration(text).is_err(), "accepted {text:?}");
+        }
+    }
+}

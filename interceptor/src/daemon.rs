@@ -1,0 +1,303 @@
+//! `interceptor run`: brings up one node's share of the mesh and serves it until a
+//! signal stops it.
+//!
+//! Order matters for failing closed. Everything that can be checked without touching
+//! the kernel (directory, node, CA) is checked first. Then each local workload gets its
+//! namespace thread, SVID and listeners; only then are the programs attached and the
+//! workloads enrolled, so an enrolled pod never finds its listener missing while the
+//! daemon runs. On exit the pinned programs stay, and enrolled pods' connects fail until
+//! a daemon is back.
+
+#![allow(clippy::result_large_err)]
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use interceptor_common::EnrolledCgroup;
+use tokio::net::TcpListener;
+use tracing::{info, warn, Instrument};
+
+use crate::config::RunConfig;
+use crate::ebpf::{self, NodePrograms};
+use crate::identity::CertificateAuthority;
+use crate::netns::Netns;
+use crate::relay::BufferPool;
+use crate::tunnel::{self, LocalWorkload, Shared, TlsConfigs};
+use crate::workloads::{Directory, Registry, Workload};
+
+/// Listen backlog of the in-pod listeners.
+const BACKLOG: i32 = 1024;
+/// Relay buffers kept for reuse when traffic drops.
+const POOLED_BUFFERS: usize = 256;
+
+/// Errors that stop the daemon. They occur only at start, never per connection, so
+/// their size does not matter (hence `result_large_err` is allowed in this module).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Directory(#[from] crate::workloads::Error),
+    #[error("node {node:?} not found in the workload directory {path}")]
+    UnknownNode { node: String, path: PathBuf },
+    #[error("loading the CA failed")]
+    Ca {
+        path: PathBuf,
+        #[source]
+        source: crate::identity::Error,
+    },
+    #[error(
+        "the CA in {path} is for trust domain {ca}, but the workload directory says {directory}"
+    )]
+    TrustDomainMismatch {
+        path: PathBuf,
+        ca: String,
+        directory: String,
+    },
+    #[error(transparent)]
+    Ebpf(#[from] ebpf::Error),
+    #[error("the daemon runs in cgroup {cgroup}, inside node cgroup {node_cgroup}: start it outside the node's cgroup so its own sockets are never redirected")]
+    DaemonInNodeCgroup {
+        cgroup: String,
+        node_cgroup: PathBuf,
+    },
+    #[error("workload {workload}: {source}")]
+    Netns {
+        workload: String,
+        #[source]
+        source: crate::netns::Error,
+    },
+    #[error("workload {workload}: issuing its SVID failed")]
+    Issue {
+        workload: String,
+        #[source]
+        source: crate::identity::Error,
+    },
+    #[error("workload {workload}: building its TLS configuration failed")]
+    Tls {
+        workload: String,
+        #[source]
+        source: crate::tls::Error,
+    },
+    #[error("workload {workload}: listening on {addr} failed")]
+    Listen {
+        workload: String,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("waiting for a stop signal failed")]
+    Signal(#[source] std::io::Error),
+}
+
+/// Runs the daemon until SIGINT or SIGTERM.
+pub async fn run(config: RunConfig) -> Result<(), Error> {
+    let directory = Directory::load(&config.config)?;
+    let node = directory
+        .node(&config.node)
+        .ok_or_else(|| Error::UnknownNode {
+            node: config.node.clone(),
+            path: config.config.clone(),
+        })?
+        .clone();
+    let ca = CertificateAuthority::load(&config.ca_dir).map_err(|source| Error::Ca {
+        path: config.ca_dir.clone(),
+        source,
+    })?;
+    if ca.trust_domain() != &directory.trust_domain {
+        return Err(Error::TrustDomainMismatch {
+            path: config.ca_dir.clone(),
+            ca: ca.trust_domain().to_string(),
+            directory: directory.trust_domain.to_string(),
+        });
+    }
+
+    let cgroup2 = ebpf::cgroup2_mount()?;
+    check_own_cgroup(&node.cgroup)?;
+    let node_cgroup = cgroup2.join(&node.cgroup);
+    ebpf::cgroup_id(&node_cgroup)?;
+
+    let ca = Arc::new(ca);
+    let mut locals = Vec::new();
+    let mut enrolled = Vec::new();
+    let mut listeners = Vec::new();
+    for workload in directory.on_node(&node.name) {
+        let local = prepare_workload(workload, &ca, &config).await?;
+        let cgroup_id = ebpf::cgroup_id(&cgroup2.join(&workload.cgroup))?;
+        enrolled.push((
+            cgroup_id,
+            EnrolledCgroup {
+                netns_cookie: local.netns.cookie(),
+                redirect_addr_be: u32::from(Ipv4Addr::LOCALHOST).to_be(),
+                redirect_port_be: config.outbound_port.to_be(),
+                _pad: 0,
+            },
+        ));
+        let outbound = listen(
+            &local,
+            SocketAddr::from((Ipv4Addr::LOCALHOST, config.outbound_port)),
+        )
+        .await?;
+        let tunnel = listen(&local, SocketAddr::from((workload.ip, config.tunnel_port))).await?;
+        listeners.push((Arc::clone(&local), outbound, tunnel));
+        locals.push(local);
+    }
+
+    let programs = Arc::new(NodePrograms::install(
+        &config.bpffs,
+        &node.name,
+        &node_cgroup,
+    )?);
+    programs.set_enrolled(&enrolled)?;
+    info!(
+        node = %node.name,
+        cgroup = %node_cgroup.display(),
+        pins = %ebpf::pin_dir(&config.bpffs, &node.name).display(),
+        workloads = locals.len(),
+        tls = "userspace rustls (no kernel TLS offload in this build)",
+        "daemon started"
+    );
+
+    let registry = Arc::new(Registry::new(directory));
+    let shared = Arc::new(Shared::new(
+        config.clone(),
+        registry,
+        programs,
+        BufferPool::new(POOLED_BUFFERS),
+    ));
+    for (local, outbound, tunnel) in listeners {
+        info!(
+            workload = %local.workload.name,
+            spiffe_id = %local.workload.spiffe_id,
+            ip = %local.workload.ip,
+            "workload enrolled"
+        );
+        tokio::spawn(tunnel::serve_outbound(
+            outbound,
+            Arc::clone(&local),
+            Arc::clone(&shared),
+        ));
+        tokio::spawn(tunnel::serve_tunnel(
+            tunnel,
+            Arc::clone(&local),
+            Arc::clone(&shared),
+        ));
+        let span = tracing::info_span!("renew", workload = %local.workload.name);
+        tokio::spawn(renew_svids(local, Arc::clone(&ca), config.svid_lifetime).instrument(span));
+    }
+
+    wait_for_stop().await?;
+    info!(
+        node = %node.name,
+        "daemon stopping; the eBPF programs stay attached, so enrolled pods' connects fail until a daemon is back (`interceptor uninstall` removes them)"
+    );
+    Ok(())
+}
+
+/// Refuses to run inside the node's cgroup subtree, where the connect hooks would see
+/// the daemon's own sockets.
+fn check_own_cgroup(node_cgroup: &Path) -> Result<(), Error> {
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    // cgroup v2 line: "0::/path"
+    let Some(path) = own.lines().find_map(|line| line.strip_prefix("0::")) else {
+        return Ok(());
+    };
+    let relative = Path::new(path.trim_start_matches('/'));
+    if relative.starts_with(node_cgroup) {
+        return Err(Error::DaemonInNodeCgroup {
+            cgroup: path.to_owned(),
+            node_cgroup: node_cgroup.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+async fn prepare_workload(
+    workload: &Workload,
+    ca: &CertificateAuthority,
+    config: &RunConfig,
+) -> Result<Arc<LocalWorkload>, Error> {
+    let netns = Netns::spawn(&workload.netns).map_err(|source| Error::Netns {
+        workload: workload.name.clone(),
+        source,
+    })?;
+    let tls = issue_tls(workload, ca, config.svid_lifetime)?;
+    Ok(Arc::new(LocalWorkload {
+        workload: workload.clone(),
+        netns,
+        tls: RwLock::new(Arc::new(tls)),
+    }))
+}
+
+/// Issues a fresh SVID for `workload` and builds both TLS configurations from it.
+fn issue_tls(
+    workload: &Workload,
+    ca: &CertificateAuthority,
+    lifetime: Duration,
+) -> Result<TlsConfigs, Error> {
+    let svid = ca
+        .issue(&workload.spiffe_id, lifetime)
+        .map_err(|source| Error::Issue {
+            workload: workload.name.clone(),
+            source,
+        })?;
+    let bundle = ca.trust_bundle();
+    let tls_error = |source| Error::Tls {
+        workload: workload.name.clone(),
+        source,
+    };
+    Ok(TlsConfigs {
+        client: crate::tls::client_config(&svid, &bundle).map_err(tls_error)?,
+        server: crate::tls::server_config(&svid, &bundle).map_err(tls_error)?,
+        serial: svid.serial.clone(),
+    })
+}
+
+async fn listen(local: &LocalWorkload, addr: SocketAddr) -> Result<TcpListener, Error> {
+    let listen_error = |source| Error::Listen {
+        workload: local.workload.name.clone(),
+        addr,
+        source,
+    };
+    let listener = local
+        .netns
+        .listen(addr, BACKLOG)
+        .await
+        .map_err(listen_error)?;
+    TcpListener::from_std(listener).map_err(listen_error)
+}
+
+/// Renews `local`'s SVID at half its lifetime, forever. Connections opened after a
+/// renewal present the new certificate; open ones keep their session.
+async fn renew_svids(local: Arc<LocalWorkload>, ca: Arc<CertificateAuthority>, lifetime: Duration) {
+    let mut retry = Duration::from_secs(1);
+    let mut next = lifetime / 2;
+    loop {
+        tokio::time::sleep(next).await;
+        match issue_tls(&local.workload, &ca, lifetime) {
+            Ok(tls) => {
+                info!(serial = %tls.serial, valid_for = ?lifetime, "renewed SVID");
+                match local.tls.write() {
+                    Ok(mut guard) => *guard = Arc::new(tls),
+                    Err(poisoned) => *poisoned.into_inner() = Arc::new(tls),
+                }
+                retry = Duration::from_secs(1);
+                next = lifetime / 2;
+            }
+            Err(error) => {
+                warn!(error = %error, retry_in = ?retry, "renewing SVID failed; the current one stays in use");
+                next = retry;
+                retry = (retry * 2).min(lifetime / 4).max(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+async fn wait_for_stop() -> Result<(), Error> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = signal(SignalKind::terminate()).map_err(Error::Signal)?;
+    tokio::select! {
+        result = tokio::signal::ctrl_c() => result.map_err(Error::Signal),
+        _ = terminate.recv() => Ok(()),
+    }
+}

@@ -1,0 +1,475 @@
+//! Loading, attaching and pinning the eBPF programs of one node, and the daemon's view
+//! of their maps.
+//!
+//! Everything that must keep the node fail-closed while the daemon is down lives in the
+//! bpffs under `<bpffs>/interceptor/<node>/`: the maps (pinned by name) and one link per
+//! program, named `<program>@<cgroup id>`. With the links in place, an enrolled pod's
+//! connects keep going to its outbound listener, which is gone with the daemon, so they
+//! fail instead of leaving in plaintext. A restarted daemon reuses the pinned maps and
+//! swaps its freshly loaded programs into the pinned links (`BPF_LINK_UPDATE`), so a
+//! second copy is never stacked. `interceptor uninstall` removes the directory.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use aya::maps::{HashMap, MapData};
+use aya::programs::links::{CgroupAttachMode, FdLink};
+use aya::programs::{CgroupSockAddr, SockOps};
+use aya::{Ebpf, EbpfLoader};
+use interceptor_common::{
+    ConnKey, EnrolledCgroup, OrigDst, CONNECT4_PROG, CONNECT6_PROG, ENROLLED_MAP, ORIG_DST_MAP,
+    SOCK_OPS_PROG,
+};
+use tracing::{info, warn};
+
+/// The eBPF object built by `cargo xtask build-ebpf`, embedded at compile time; empty
+/// when the daemon was built before the object existed.
+static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/interceptor.bpf.o"));
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_LINK_UPDATE: libc::c_long = 29;
+
+/// Errors of setting up the node's eBPF state.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("no cgroup2 mount found in /proc/self/mountinfo: interceptor needs cgroup v2 (cgroup v1-only hosts are not supported)")]
+    NoCgroup2,
+    #[error("reading {path} failed")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cgroup {path} not found: create the node's cgroup before starting the daemon")]
+    MissingCgroup {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("mounting a bpffs at {path} failed")]
+    MountBpffs {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("creating pin directory {path} failed")]
+    PinDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "this daemon was built without its eBPF object: run `cargo xtask build-ebpf`, then rebuild"
+    )]
+    NoObject,
+    #[error("loading the eBPF object failed (missing BPF permission, CAP_BPF/CAP_SYS_ADMIN, or a kernel without BTF?)")]
+    Load(#[source] aya::EbpfError),
+    #[error("program {name} missing from the eBPF object")]
+    MissingProgram { name: &'static str },
+    #[error("map {name} missing from the eBPF object")]
+    MissingMap { name: &'static str },
+    #[error(
+        "loading program {name} failed: the kernel may lack this program type or a helper it uses"
+    )]
+    LoadProgram {
+        name: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("attaching program {name} to cgroup {cgroup} failed")]
+    Attach {
+        name: &'static str,
+        cgroup: PathBuf,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("pinning link {path} failed")]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("replacing the program of pinned link {path} failed")]
+    UpdateLink {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("map {name} operation failed")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("removing {path} failed")]
+    Remove {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Returns the mount point of the cgroup2 hierarchy, from `/proc/self/mountinfo`.
+pub fn cgroup2_mount() -> Result<PathBuf, Error> {
+    let path = Path::new("/proc/self/mountinfo");
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    // Fields: id parent major:minor root mount-point options... - fstype source options
+    text.lines()
+        .find_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            if right.split_whitespace().next()? != "cgroup2" {
+                return None;
+            }
+            left.split_whitespace().nth(4).map(PathBuf::from)
+        })
+        .ok_or(Error::NoCgroup2)
+}
+
+/// Mounts a bpffs at `path` unless one is there already.
+pub fn ensure_bpffs(path: &Path) -> Result<(), Error> {
+    if is_bpffs(path) {
+        return Ok(());
+    }
+    std::fs::create_dir_all(path).map_err(|source| Error::MountBpffs {
+        path: path.to_owned(),
+        source,
+    })?;
+    let target = c_path(path);
+    // SAFETY: all pointers are valid NUL-terminated strings for the call.
+    let rc = unsafe {
+        libc::mount(
+            c"bpf".as_ptr(),
+            target.as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(Error::MountBpffs {
+            path: path.to_owned(),
+            source: io::Error::last_os_error(),
+        });
+    }
+    info!(path = %path.display(), "mounted bpffs");
+    Ok(())
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    let target = c_path(path);
+    // SAFETY: `statfs` is plain data, and `target` is a valid NUL-terminated string.
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; `stat` is valid for writes.
+    let rc = unsafe { libc::statfs(target.as_ptr(), &mut stat) };
+    rc == 0 && stat.f_type as i64 == BPF_FS_MAGIC
+}
+
+fn c_path(path: &Path) -> CString {
+    // Paths come from the config or fixed strings; an interior NUL cannot name a file,
+    // so it maps to a path that fails to resolve.
+    CString::new(path.as_os_str().as_bytes()).unwrap_or_default()
+}
+
+/// Returns the pin directory of node `node` under the bpffs at `bpffs`.
+pub fn pin_dir(bpffs: &Path, node: &str) -> PathBuf {
+    bpffs.join("interceptor").join(node)
+}
+
+/// Returns the cgroup v2 id of the cgroup directory at `path` (its inode number), as
+/// `bpf_get_current_cgroup_id` returns it.
+pub fn cgroup_id(path: &Path) -> Result<u64, Error> {
+    std::fs::metadata(path)
+        .map(|m| m.ino())
+        .map_err(|source| Error::MissingCgroup {
+            path: path.to_owned(),
+            source,
+        })
+}
+
+/// The node's loaded programs and the maps the daemon uses while it runs.
+pub struct NodePrograms {
+    _ebpf: Ebpf,
+    enrolled: Mutex<HashMap<MapData, u64, EnrolledCgroup>>,
+    orig_dst: Mutex<HashMap<MapData, ConnKey, OrigDst>>,
+}
+
+impl std::fmt::Debug for NodePrograms {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodePrograms").finish_non_exhaustive()
+    }
+}
+
+impl NodePrograms {
+    /// Loads the programs, attaches them to the node cgroup `cgroup` (or takes over the
+    /// links a previous daemon pinned there) and opens the pinned maps.
+    pub fn install(bpffs: &Path, node: &str, cgroup: &Path) -> Result<Self, Error> {
+        if OBJECT.is_empty() {
+            return Err(Error::NoObject);
+        }
+        ensure_bpffs(bpffs)?;
+        let dir = pin_dir(bpffs, node);
+        std::fs::create_dir_all(&dir).map_err(|source| Error::PinDir {
+            path: dir.clone(),
+            source,
+        })?;
+        let cgroup_file = File::open(cgroup).map_err(|source| Error::MissingCgroup {
+            path: cgroup.to_owned(),
+            source,
+        })?;
+        let cgroup_id = cgroup_id(cgroup)?;
+
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&dir)
+            .load(OBJECT)
+            .map_err(Error::Load)?;
+
+        for name in [CONNECT4_PROG, CONNECT6_PROG, SOCK_OPS_PROG] {
+            let program = ebpf
+                .program_mut(name)
+                .ok_or(Error::MissingProgram { name })?;
+            let link_path = dir.join(format!("{name}@{cgroup_id}"));
+            remove_stale_links(&dir, name, &link_path)?;
+            let load = |e| Error::LoadProgram { name, source: e };
+            let attach = |e| Error::Attach {
+                name,
+                cgroup: cgroup.to_owned(),
+                source: e,
+            };
+            if name == SOCK_OPS_PROG {
+                let program: &mut SockOps = program.try_into().map_err(load)?;
+                program.load().map_err(load)?;
+                let prog_fd = program.fd().map_err(load)?.as_fd();
+                if !take_over_link(&link_path, prog_fd)? {
+                    // With bpf_link (Linux 5.7) the kernel always lets several programs
+                    // share a cgroup hook and rejects any attach flag, so "single" here
+                    // means no flags, not exclusive.
+                    let id = program
+                        .attach(&cgroup_file, CgroupAttachMode::Single)
+                        .map_err(attach)?;
+                    let link: FdLink =
+                        program
+                            .take_link(id)
+                            .map_err(attach)?
+                            .try_into()
+                            .map_err(|e| Error::Pin {
+                                path: link_path.clone(),
+                                source: io::Error::other(e),
+                            })?;
+                    pin_link(link, &link_path)?;
+                }
+            } else {
+                let program: &mut CgroupSockAddr = program.try_into().map_err(load)?;
+                program.load().map_err(load)?;
+                let prog_fd = program.fd().map_err(load)?.as_fd();
+                if !take_over_link(&link_path, prog_fd)? {
+                    let id = program
+                        .attach(&cgroup_file, CgroupAttachMode::Single)
+                        .map_err(attach)?;
+                    let link: FdLink =
+                        program
+                            .take_link(id)
+                            .map_err(attach)?
+                            .try_into()
+                            .map_err(|e| Error::Pin {
+                                path: link_path.clone(),
+                                source: io::Error::other(e),
+                            })?;
+                    pin_link(link, &link_path)?;
+                }
+            }
+        }
+
+        let enrolled = take_hash_map(&mut ebpf, ENROLLED_MAP)?;
+        let orig_dst = take_hash_map(&mut ebpf, ORIG_DST_MAP)?;
+        Ok(Self {
+            _ebpf: ebpf,
+            enrolled: Mutex::new(enrolled),
+            orig_dst: Mutex::new(orig_dst),
+        })
+    }
+
+    /// Makes the enrolled map hold exactly `entries`, keyed by cgroup id. Entries of
+    /// workloads no longer on this node are removed; the others are written in place,
+    /// so a workload that stays enrolled is never unenrolled in between.
+    pub fn set_enrolled(&self, entries: &[(u64, EnrolledCgroup)]) -> Result<(), Error> {
+        let map_error = |source| Error::Map {
+            name: ENROLLED_MAP,
+            source,
+        };
+        let mut map = lock(&self.enrolled);
+        for (cgroup_id, value) in entries {
+            map.insert(cgroup_id, value, 0).map_err(map_error)?;
+        }
+        let stale: Vec<u64> = map
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|key| !entries.iter().any(|(id, _)| id == key))
+            .collect();
+        for key in stale {
+            map.remove(&key).map_err(map_error)?;
+        }
+        Ok(())
+    }
+
+    /// Removes and returns the original destination recorded for the redirected
+    /// connection `key`, or `None` when there is none.
+    pub fn take_orig_dst(&self, key: &ConnKey) -> Option<OrigDst> {
+        let mut map = lock(&self.orig_dst);
+        let dst = map.get(key, 0).ok()?;
+        if let Err(error) = map.remove(key) {
+            warn!(%error, "removing an original destination entry failed; the LRU map evicts it later");
+        }
+        Some(dst)
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // The maps hold no Rust state that a panic could leave half-written.
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn take_hash_map<K: aya::Pod, V: aya::Pod>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<HashMap<MapData, K, V>, Error> {
+    let map = ebpf.take_map(name).ok_or(Error::MissingMap { name })?;
+    HashMap::try_from(map).map_err(|source| Error::Map { name, source })
+}
+
+/// Unpins links of `program` pinned for another cgroup id: that cgroup was removed and
+/// recreated, so the old link is attached to nothing.
+fn remove_stale_links(dir: &Path, program: &str, current: &Path) -> Result<(), Error> {
+    let prefix = format!("{program}@");
+    let entries = std::fs::read_dir(dir).map_err(|source| Error::Read {
+        path: dir.to_owned(),
+        source,
+    })?;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let stale = entry.file_name().to_string_lossy().starts_with(&prefix) && path != current;
+        if stale {
+            std::fs::remove_file(&path).map_err(|source| Error::Remove {
+                path: path.clone(),
+                source,
+            })?;
+            info!(path = %path.display(), "removed link pinned for a cgroup that no longer exists");
+        }
+    }
+    Ok(())
+}
+
+fn pin_link(link: FdLink, path: &Path) -> Result<(), Error> {
+    link.pin(path).map_err(|e| Error::Pin {
+        path: path.to_owned(),
+        source: io::Error::other(e),
+    })?;
+    info!(path = %path.display(), "attached and pinned program");
+    Ok(())
+}
+
+/// Swaps `prog_fd` into the link pinned at `path`, if there is one. Returns whether a
+/// pinned link was taken over.
+fn take_over_link(path: &Path, prog_fd: BorrowedFd<'_>) -> Result<bool, Error> {
+    if !path.exists() {
+        return Ok(false);
+    }
+    let update_error = |source| Error::UpdateLink {
+        path: path.to_owned(),
+        source,
+    };
+    let link = obj_get(path).map_err(update_error)?;
+    link_update(link.as_fd(), prog_fd).map_err(update_error)?;
+    info!(path = %path.display(), "took over pinned link");
+    Ok(true)
+}
+
+/// `BPF_OBJ_GET`: opens the object pinned at `path`.
+fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+    #[repr(C)]
+    struct ObjGetAttr {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    let c_path = c_path(path);
+    let attr = ObjGetAttr {
+        pathname: c_path.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    // SAFETY: `attr` is a valid `bpf_attr` prefix for this command and outlives the call;
+    // `c_path` outlives it too.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &attr as *const ObjGetAttr,
+            size_of::<ObjGetAttr>(),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a new file descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// `BPF_LINK_UPDATE`: atomically replaces the program of link `link` (Linux 5.7).
+fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()> {
+    #[repr(C)]
+    struct LinkUpdateAttr {
+        link_fd: u32,
+        new_prog_fd: u32,
+        flags: u32,
+        old_prog_fd: u32,
+    }
+    let attr = LinkUpdateAttr {
+        link_fd: link.as_raw_fd() as u32,
+        new_prog_fd: prog.as_raw_fd() as u32,
+        flags: 0,
+        old_prog_fd: 0,
+    };
+    // SAFETY: `attr` is a valid `bpf_attr` prefix for this command and outlives the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_UPDATE,
+            &attr as *const LinkUpdateAttr,
+            size_of::<LinkUpdateAttr>(),
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Removes every pin of node `node`: the links (detaching the programs) and the maps.
+/// Returns whether there was anything to remove.
+pub fn uninstall(bpffs: &Path, node: &str) -> Result<bool, Error> {
+    let dir = pin_dir(bpffs, node);
+    if !dir.exists() {
+        return Ok(false);
+    }
+    std::fs::remove_dir_all(&dir).map_err(|source| Error::Remove {
+        path: dir.clone(),
+        source,
+    })?;
+    // The shared parent goes too once the last node is gone; another node's pins keep it.
+    if let Some(parent) = dir.parent() {
+        let _ = std::fs::remove_dir(parent);
+    }
+    Ok(true)
+}

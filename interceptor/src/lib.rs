@@ -1,0 +1,13 @@
+//! The interceptor node daemon as a library: one module per concern. The `interceptor`
+//! binary wires them to its command line; the end-to-end tests use some directly.
+
+pub mod config;
+pub mod daemon;
+pub mod ebpf;
+pub mod identity;
+pub mod netns;
+pub mod protocol;
+pub mod relay;
+pub mod tls;
+pub mod tunnel;
+pub mod workloads;

@@ -1,0 +1,369 @@
+//! Moving bytes between the app's socket and the tunnel, with TCP semantics intact.
+//!
+//! Each direction is a pump that waits for its source to become readable without
+//! holding a buffer, then takes one buffer from a shared [`BufferPool`], moves data
+//! until the source would block, and gives the buffer back. An idle connection
+//! therefore holds no relay buffer, and a busy one allocates nothing per read.
+//!
+//! Endings cross the tunnel one direction at a time: a clean end of a source (the app's
+//! FIN, or the peer's TLS `close_notify`) shuts down the other side's write half only,
+//! so half-closed connections keep working. A reset, a truncated TLS stream (a FIN
+//! without `close_notify`) or any I/O error ends both directions and resets both
+//! sockets, so the app sees a reset, never a clean end that did not happen.
+
+use std::future::Future;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+
+/// Size of one relay buffer: four full TLS records, so one read feeds whole records to
+/// the encrypting side.
+pub const BUFFER_SIZE: usize = 64 * 1024;
+
+/// A pool of fixed-size buffers shared by all connections.
+#[derive(Debug)]
+pub struct BufferPool {
+    free: Mutex<Vec<Box<[u8]>>>,
+    /// Free buffers kept for reuse; buffers returned beyond this are freed.
+    max_free: usize,
+}
+
+impl BufferPool {
+    pub fn new(max_free: usize) -> Arc<Self> {
+        Arc::new(Self {
+            free: Mutex::new(Vec::new()),
+            max_free,
+        })
+    }
+
+    /// Takes a buffer, allocating one when none is free.
+    pub fn take(self: &Arc<Self>) -> PooledBuffer {
+        let buffer = self
+            .free
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .pop()
+            .unwrap_or_else(|| vec![0u8; BUFFER_SIZE].into_boxed_slice());
+        PooledBuffer {
+            buffer: Some(buffer),
+            pool: Arc::clone(self),
+        }
+    }
+}
+
+/// A buffer on loan from a [`BufferPool`]; returned when dropped.
+pub struct PooledBuffer {
+    buffer: Option<Box<[u8]>>,
+    pool: Arc<BufferPool>,
+}
+
+impl std::ops::Deref for PooledBuffer {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        self.buffer.as_deref().unwrap_or_default()
+    }
+}
+
+impl std::ops::DerefMut for PooledBuffer {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        self.buffer.as_deref_mut().unwrap_or_default()
+    }
+}
+
+impl Drop for PooledBuffer {
+    fn drop(&mut self) {
+        if let Some(buffer) = self.buffer.take() {
+            let mut free = self
+                .pool
+                .free
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            if free.len() < self.pool.max_free {
+                free.push(buffer);
+            }
+        }
+    }
+}
+
+/// A TCP stream shared by a reader and a writer without a lock, and by the relay, which
+/// waits for readiness on it and resets it.
+///
+/// Reads and writes go through `try_read`/`try_write` on the shared socket, which tokio
+/// allows from several owners at once.
+#[derive(Clone, Debug)]
+pub struct SharedTcp(pub Arc<TcpStream>);
+
+impl SharedTcp {
+    pub fn new(stream: TcpStream) -> Self {
+        Self(Arc::new(stream))
+    }
+
+    /// Waits until the socket is readable or has an error or end pending.
+    pub async fn readable(&self) -> io::Result<()> {
+        self.0.readable().await
+    }
+
+    pub fn raw_fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+impl AsyncRead for SharedTcp {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            ready!(self.0.poll_read_ready(cx))?;
+            match self.0.try_read(buf.initialize_unfilled()) {
+                Ok(n) => {
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for SharedTcp {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            ready!(self.0.poll_write_ready(cx))?;
+            match self.0.try_write(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                result => return Poll::Ready(result),
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(socket2::SockRef::from(&*self.0).shutdown(std::net::Shutdown::Write))
+    }
+}
+
+/// Makes the next close of `fd` send a TCP reset instead of a FIN (`SO_LINGER` 0).
+pub fn set_reset_on_close(fd: RawFd) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: `linger` is valid for reads of its size; a stale fd only makes the call
+    // fail, which leaves a FIN instead of a reset.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+}
+
+/// How one direction of a relay ended, when it did not end cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("reading from the {side} failed")]
+    Read {
+        side: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("writing to the {side} failed")]
+    Write {
+        side: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the tunnel was truncated: its TCP stream ended without a TLS close_notify")]
+    Truncated,
+    #[error("the tunnel status could not be read")]
+    Status(#[source] crate::protocol::Error),
+    #[error("the destination answered {status}")]
+    Rejected { status: crate::protocol::Status },
+}
+
+/// Bytes moved by a relay, whichever way it ended.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Transferred {
+    /// From the app to the tunnel (or upstream).
+    pub app_to_tunnel: u64,
+    /// From the tunnel (or upstream) to the app.
+    pub tunnel_to_app: u64,
+}
+
+/// One end of a relay: a readable half, a writable half and the TCP socket underneath.
+pub struct End<R, W> {
+    pub reader: R,
+    pub writer: W,
+    /// The socket whose readiness gates `reader`, and which is reset on failure.
+    pub socket: SharedTcp,
+    /// Name of the end in errors: "app", "tunnel" or "upstream".
+    pub name: &'static str,
+    /// Whether a clean end of `reader` is reported as `Ok(0)` only after a TLS
+    /// `close_notify`; an `UnexpectedEof` from such a reader is truncation.
+    pub tls: bool,
+}
+
+/// Relays between `app` and `tunnel` until both directions have ended cleanly or one
+/// has failed. On failure both sockets are reset before they are closed.
+///
+/// With `await_status`, the tunnel's first two bytes are the server's
+/// [`crate::protocol::Status`]: nothing reaches the app before a `Connected` status, and
+/// any other status fails the relay. The app's bytes flow to the tunnel meanwhile.
+pub async fn relay<AR, AW, TR, TW>(
+    app: End<AR, AW>,
+    tunnel: End<TR, TW>,
+    pool: &Arc<BufferPool>,
+    await_status: bool,
+) -> (Transferred, Result<(), Error>)
+where
+    AR: AsyncRead + Unpin,
+    AW: AsyncWrite + Unpin,
+    TR: AsyncRead + Unpin,
+    TW: AsyncWrite + Unpin,
+{
+    let End {
+        reader: mut app_reader,
+        writer: mut app_writer,
+        socket: app_socket,
+        name: app_name,
+        tls: app_tls,
+    } = app;
+    let End {
+        reader: mut tunnel_reader,
+        writer: mut tunnel_writer,
+        socket: tunnel_socket,
+        name: tunnel_name,
+        tls: tunnel_tls,
+    } = tunnel;
+    let mut moved = Transferred::default();
+
+    let upstream = pump(
+        &mut app_reader,
+        &app_socket,
+        Side {
+            name: app_name,
+            tls: app_tls,
+        },
+        &mut tunnel_writer,
+        tunnel_name,
+        pool,
+        &mut moved.app_to_tunnel,
+    );
+    let downstream = async {
+        if await_status {
+            let status = crate::protocol::read_status(&mut tunnel_reader)
+                .await
+                .map_err(Error::Status)?;
+            if status != crate::protocol::Status::Connected {
+                return Err(Error::Rejected { status });
+            }
+        }
+        pump(
+            &mut tunnel_reader,
+            &tunnel_socket,
+            Side {
+                name: tunnel_name,
+                tls: tunnel_tls,
+            },
+            &mut app_writer,
+            app_name,
+            pool,
+            &mut moved.tunnel_to_app,
+        )
+        .await
+    };
+    let result = tokio::try_join!(upstream, downstream).map(|_| ());
+    if result.is_err() {
+        set_reset_on_close(app_socket.raw_fd());
+        set_reset_on_close(tunnel_socket.raw_fd());
+    }
+    (moved, result)
+}
+
+struct Side {
+    name: &'static str,
+    tls: bool,
+}
+
+/// Moves bytes from `reader` to `writer` until `reader` ends, then shuts `writer` down.
+async fn pump<R, W>(
+    reader: &mut R,
+    socket: &SharedTcp,
+    from: Side,
+    writer: &mut W,
+    to: &'static str,
+    pool: &Arc<BufferPool>,
+    moved: &mut u64,
+) -> Result<(), Error>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let read_error = |source: io::Error| {
+        if from.tls && source.kind() == io::ErrorKind::UnexpectedEof {
+            Error::Truncated
+        } else {
+            Error::Read {
+                side: from.name,
+                source,
+            }
+        }
+    };
+    let write_error = |source| Error::Write { side: to, source };
+    loop {
+        // A TLS reader may already hold decrypted bytes that arrived with the
+        // handshake or the status, so read first and wait for readiness only once the
+        // reader has nothing.
+        let mut buffer = pool.take();
+        loop {
+            let n = match read_now(reader, &mut buffer).await {
+                None => break,
+                Some(result) => result.map_err(read_error)?,
+            };
+            if n == 0 {
+                writer.shutdown().await.map_err(write_error)?;
+                return Ok(());
+            }
+            writer.write_all(&buffer[..n]).await.map_err(write_error)?;
+            *moved += n as u64;
+        }
+        writer.flush().await.map_err(write_error)?;
+        drop(buffer);
+        socket.readable().await.map_err(|source| Error::Read {
+            side: from.name,
+            source,
+        })?;
+    }
+}
+
+/// Polls `reader` once: `None` when it would block, else the read's result.
+fn read_now<'a, R: AsyncRead + Unpin>(
+    reader: &'a mut R,
+    buffer: &'a mut [u8],
+) -> impl Future<Output = Option<io::Result<usize>>> + 'a {
+    std::future::poll_fn(move |cx| {
+        let mut buf = ReadBuf::new(buffer);
+        match Pin::new(&mut *reader).poll_read(cx, &mut buf) {
+            Poll::Pending => Poll::Ready(None),
+            Poll::Ready(result) => Poll::Ready(Some(result.map(|()| buf.filled().len()))),
+        }
+    })
+}

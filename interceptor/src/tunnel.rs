@@ -1,0 +1,481 @@
+//! The tunnel: outbound connections of enrolled workloads, carried over one mutual TLS
+//! 1.3 connection each to the destination pod's tunnel listener, and the server side
+//! that delivers them.
+//!
+//! Client side ([`serve_outbound`]): the eBPF connect hooks send the app's connect to
+//! the outbound listener in its own pod. The daemon finds the original destination,
+//! and for a mesh workload opens a TLS connection from the pod's namespace to
+//! `<destination pod IP>:<tunnel port>`, presenting the source workload's SVID and
+//! requiring exactly the SPIFFE ID the directory gives for the destination IP. It sends
+//! the preamble and relays; the destination's status decides whether the app's socket
+//! gets data or a reset. A destination outside the mesh gets a plain TCP passthrough.
+//!
+//! Server side ([`serve_tunnel`]): accepts TLS from any workload of the trust domain,
+//! reads the preamble, delivers only to its own pod's IP and never to the daemon's
+//! ports, answers with a status and relays.
+//!
+//! Each connection is one `conn` span and ends with exactly one `connection closed`
+//! event carrying bytes each way, duration, identities and the error, if any.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use interceptor_common::ConnKey;
+use rustls::pki_types::ServerName;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tracing::{info, info_span, warn, Instrument};
+
+use crate::config::RunConfig;
+use crate::ebpf::NodePrograms;
+use crate::identity::SpiffeId;
+use crate::netns::Netns;
+use crate::protocol::{self, Status};
+use crate::relay::{self, relay, BufferPool, End, SharedTcp, Transferred};
+use crate::workloads::{Registry, Workload};
+
+/// Errors that end a tunnelled connection before or while bytes flow.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("no original destination recorded for this connection")]
+    NoOrigDst,
+    #[error("creating a socket in the pod's network namespace failed")]
+    Socket(#[source] std::io::Error),
+    #[error("connecting to {addr} failed")]
+    Connect {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("connecting to {addr} timed out")]
+    ConnectTimeout { addr: SocketAddr },
+    #[error("TLS handshake with {addr} failed")]
+    Handshake {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("handshake and preamble did not complete within {timeout:?}")]
+    HandshakeTimeout { timeout: Duration },
+    #[error("reading the peer's identity failed")]
+    PeerIdentity(#[source] crate::tls::Error),
+    #[error("peer presented {actual}, but the directory gives {expected} for {addr}")]
+    IdentityMismatch {
+        addr: IpAddr,
+        expected: SpiffeId,
+        actual: SpiffeId,
+    },
+    #[error("invalid preamble")]
+    Preamble(#[source] protocol::Error),
+    #[error("preamble names {dst}, which this pod ({pod_ip}) does not deliver to")]
+    InvalidDestination { dst: SocketAddr, pod_ip: Ipv4Addr },
+    #[error("sending to the tunnel failed")]
+    Send(#[source] std::io::Error),
+    #[error(transparent)]
+    Relay(#[from] relay::Error),
+}
+
+/// TLS configurations of one workload's current SVID.
+#[derive(Debug)]
+pub struct TlsConfigs {
+    pub client: Arc<rustls::ClientConfig>,
+    pub server: Arc<rustls::ServerConfig>,
+    /// Serial of the SVID behind both, for logs.
+    pub serial: String,
+}
+
+/// A workload of this node, with the resources the daemon holds for it.
+#[derive(Debug)]
+pub struct LocalWorkload {
+    pub workload: Workload,
+    pub netns: Netns,
+    /// Replaced whenever the SVID is renewed; each connection takes the current one.
+    pub tls: RwLock<Arc<TlsConfigs>>,
+}
+
+impl LocalWorkload {
+    pub fn tls(&self) -> Arc<TlsConfigs> {
+        match self.tls.read() {
+            Ok(guard) => Arc::clone(&guard),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+}
+
+/// State shared by every connection of the daemon.
+#[derive(Debug)]
+pub struct Shared {
+    pub config: RunConfig,
+    pub registry: Arc<Registry>,
+    pub programs: Arc<NodePrograms>,
+    pub pool: Arc<BufferPool>,
+    next_id: AtomicU64,
+}
+
+impl Shared {
+    pub fn new(
+        config: RunConfig,
+        registry: Arc<Registry>,
+        programs: Arc<NodePrograms>,
+        pool: Arc<BufferPool>,
+    ) -> Self {
+        Self {
+            config,
+            registry,
+            programs,
+            pool,
+            next_id: AtomicU64::new(1),
+        }
+    }
+
+    fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// Accepts the redirected connections of `local`'s apps, forever.
+pub async fn serve_outbound(listener: TcpListener, local: Arc<LocalWorkload>, shared: Arc<Shared>) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                warn!(workload = %local.workload.name, %error, "accepting on the outbound listener failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let id = shared.next_id();
+        let span =
+            info_span!("conn", id, dir = "outbound", workload = %local.workload.name, src = %peer);
+        tokio::spawn(
+            outbound(stream, peer, Arc::clone(&local), Arc::clone(&shared)).instrument(span),
+        );
+    }
+}
+
+/// Accepts tunnel connections for `local`, forever.
+pub async fn serve_tunnel(listener: TcpListener, local: Arc<LocalWorkload>, shared: Arc<Shared>) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                warn!(workload = %local.workload.name, %error, "accepting on the tunnel listener failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let id = shared.next_id();
+        let span =
+            info_span!("conn", id, dir = "inbound", workload = %local.workload.name, src = %peer);
+        tokio::spawn(inbound(stream, Arc::clone(&local), Arc::clone(&shared)).instrument(span));
+    }
+}
+
+/// What the close event reports about a connection.
+#[derive(Default)]
+struct Summary {
+    dst: Option<SocketAddr>,
+    /// The connecting workload's identity: this node's workload on the outbound side,
+    /// the authenticated peer on the inbound side.
+    src_identity: Option<SpiffeId>,
+    /// The destination workload's identity, authenticated on the outbound side.
+    dst_identity: Option<SpiffeId>,
+    mode: &'static str,
+    moved: Transferred,
+}
+
+fn log_close(started: Instant, summary: &Summary, result: &Result<(), Error>) {
+    let dst = summary.dst.map(|d| d.to_string()).unwrap_or_default();
+    let identity = |id: &Option<SpiffeId>| id.as_ref().map(|id| id.to_string()).unwrap_or_default();
+    let (src_identity, dst_identity) = (
+        identity(&summary.src_identity),
+        identity(&summary.dst_identity),
+    );
+    let duration_ms = started.elapsed().as_millis() as u64;
+    match result {
+        Ok(()) => info!(
+            dst,
+            src_identity,
+            dst_identity,
+            mode = summary.mode,
+            bytes_sent = summary.moved.app_to_tunnel,
+            bytes_received = summary.moved.tunnel_to_app,
+            duration_ms,
+            "connection closed"
+        ),
+        Err(error) => info!(
+            dst,
+            src_identity,
+            dst_identity,
+            mode = summary.mode,
+            bytes_sent = summary.moved.app_to_tunnel,
+            bytes_received = summary.moved.tunnel_to_app,
+            duration_ms,
+            error = %ErrorChain(error),
+            "connection closed"
+        ),
+    }
+}
+
+/// Formats an error with its sources, `a: b: c`.
+struct ErrorChain<'a>(&'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(error) = source {
+            write!(f, ": {error}")?;
+            source = error.source();
+        }
+        Ok(())
+    }
+}
+
+async fn outbound(
+    app: TcpStream,
+    peer: SocketAddr,
+    local: Arc<LocalWorkload>,
+    shared: Arc<Shared>,
+) {
+    let started = Instant::now();
+    let mut summary = Summary {
+        mode: "tunnel",
+        src_identity: Some(local.workload.spiffe_id.clone()),
+        ..Summary::default()
+    };
+    let app = SharedTcp::new(app);
+    let result = outbound_inner(&app, peer, &local, &shared, &mut summary).await;
+    if result.is_err() {
+        relay::set_reset_on_close(app.raw_fd());
+    }
+    log_close(started, &summary, &result);
+}
+
+async fn outbound_inner(
+    app: &SharedTcp,
+    peer: SocketAddr,
+    local: &LocalWorkload,
+    shared: &Shared,
+    summary: &mut Summary,
+) -> Result<(), Error> {
+    let IpAddr::V4(src_ip) = peer.ip() else {
+        return Err(Error::NoOrigDst);
+    };
+    let key = ConnKey {
+        netns_cookie: local.netns.cookie(),
+        src_addr_be: u32::from(src_ip).to_be(),
+        src_port: peer.port(),
+        _pad: 0,
+    };
+    let orig = shared
+        .programs
+        .take_orig_dst(&key)
+        .ok_or(Error::NoOrigDst)?;
+    let dst = SocketAddrV4::new(
+        Ipv4Addr::from(u32::from_be(orig.addr_be)),
+        u16::from_be(orig.port_be),
+    );
+    summary.dst = Some(dst.into());
+
+    let directory = shared.registry.snapshot();
+    let Some(target) = directory.by_ip(*dst.ip()) else {
+        summary.mode = "passthrough";
+        return passthrough(app, dst.into(), local, shared, summary).await;
+    };
+    let expected = target.spiffe_id.clone();
+    let tunnel_addr = SocketAddr::new(IpAddr::V4(*dst.ip()), shared.config.tunnel_port);
+    let timeout = shared.config.handshake_timeout;
+    let (tls, tunnel_socket) = tokio::time::timeout(timeout, async {
+        let stream = connect_from(local, tunnel_addr).await?;
+        let socket = SharedTcp::new(stream);
+        let connector = TlsConnector::from(Arc::clone(&local.tls().client));
+        let server_name = ServerName::IpAddress(IpAddr::V4(*dst.ip()).into());
+        let mut tls = connector
+            .connect(server_name, socket.clone())
+            .await
+            .map_err(|source| Error::Handshake {
+                addr: tunnel_addr,
+                source,
+            })?;
+        let actual = crate::tls::peer_spiffe_id(tls.get_ref().1).map_err(Error::PeerIdentity)?;
+        if actual != expected {
+            return Err(Error::IdentityMismatch {
+                addr: IpAddr::V4(*dst.ip()),
+                expected: expected.clone(),
+                actual,
+            });
+        }
+        summary.dst_identity = Some(actual);
+        let mut preamble = [0u8; protocol::MAX_PREAMBLE_LEN];
+        let len = protocol::encode_preamble(dst.into(), &mut preamble);
+        tls.write_all(&preamble[..len]).await.map_err(Error::Send)?;
+        tls.flush().await.map_err(Error::Send)?;
+        Ok((tls, socket))
+    })
+    .await
+    .map_err(|_| Error::HandshakeTimeout { timeout })??;
+
+    let (tunnel_reader, tunnel_writer) = tokio::io::split(tls);
+    let tunnel = End {
+        reader: tunnel_reader,
+        writer: tunnel_writer,
+        socket: tunnel_socket,
+        name: "tunnel",
+        tls: true,
+    };
+    let (moved, result) = relay(app_end(app), tunnel, &shared.pool, true).await;
+    summary.moved = moved;
+    result.map_err(Error::from)
+}
+
+fn app_end(app: &SharedTcp) -> End<SharedTcp, SharedTcp> {
+    End {
+        reader: app.clone(),
+        writer: app.clone(),
+        socket: app.clone(),
+        name: "app",
+        tls: false,
+    }
+}
+
+/// Connects to `dst` from `local`'s network namespace, within the connect timeout.
+async fn connect_from(local: &LocalWorkload, dst: SocketAddr) -> Result<TcpStream, Error> {
+    let socket = local.netns.tcp_socket().await.map_err(Error::Socket)?;
+    let socket = TcpSocket::from_std_stream(socket.into());
+    socket
+        .connect(dst)
+        .await
+        .map_err(|source| Error::Connect { addr: dst, source })
+}
+
+/// Relays an enrolled workload's connection to a destination outside the mesh as plain
+/// TCP from the workload's namespace.
+async fn passthrough(
+    app: &SharedTcp,
+    dst: SocketAddr,
+    local: &LocalWorkload,
+    shared: &Shared,
+    summary: &mut Summary,
+) -> Result<(), Error> {
+    let timeout = shared.config.connect_timeout;
+    let upstream = tokio::time::timeout(timeout, connect_from(local, dst))
+        .await
+        .map_err(|_| Error::ConnectTimeout { addr: dst })??;
+    let upstream = SharedTcp::new(upstream);
+    let end = End {
+        reader: upstream.clone(),
+        writer: upstream.clone(),
+        socket: upstream,
+        name: "upstream",
+        tls: false,
+    };
+    let (moved, result) = relay(app_end(app), end, &shared.pool, false).await;
+    summary.moved = moved;
+    result.map_err(Error::from)
+}
+
+async fn inbound(stream: TcpStream, local: Arc<LocalWorkload>, shared: Arc<Shared>) {
+    let started = Instant::now();
+    let mut summary = Summary {
+        mode: "tunnel",
+        dst_identity: Some(local.workload.spiffe_id.clone()),
+        ..Summary::default()
+    };
+    let tunnel = SharedTcp::new(stream);
+    let result = inbound_inner(&tunnel, &local, &shared, &mut summary).await;
+    log_close(started, &summary, &result);
+}
+
+async fn inbound_inner(
+    tunnel_socket: &SharedTcp,
+    local: &LocalWorkload,
+    shared: &Shared,
+    summary: &mut Summary,
+) -> Result<(), Error> {
+    let timeout = shared.config.handshake_timeout;
+    let acceptor = TlsAcceptor::from(Arc::clone(&local.tls().server));
+    let peer_addr = tunnel_socket.0.peer_addr().map_err(Error::Socket)?;
+    let (mut tls, dst) = tokio::time::timeout(timeout, async {
+        let mut tls = acceptor
+            .accept(tunnel_socket.clone())
+            .await
+            .map_err(|source| Error::Handshake {
+                addr: peer_addr,
+                source,
+            })?;
+        summary.src_identity =
+            Some(crate::tls::peer_spiffe_id(tls.get_ref().1).map_err(Error::PeerIdentity)?);
+        let dst = protocol::read_preamble(&mut tls)
+            .await
+            .map_err(Error::Preamble)?;
+        Ok::<_, Error>((tls, dst))
+    })
+    .await
+    .map_err(|_| Error::HandshakeTimeout { timeout })??;
+    summary.dst = Some(dst);
+
+    let pod_ip = local.workload.ip;
+    if dst.ip() != IpAddr::V4(pod_ip) || shared.config.is_reserved_port(dst.port()) {
+        send_final_status(&mut tls, Status::InvalidDestination).await;
+        return Err(Error::InvalidDestination { dst, pod_ip });
+    }
+
+    let connect_timeout = shared.config.connect_timeout;
+    let upstream = match tokio::time::timeout(connect_timeout, connect_from(local, dst)).await {
+        Ok(Ok(upstream)) => upstream,
+        Ok(Err(error)) => {
+            send_final_status(&mut tls, connect_status(&error)).await;
+            return Err(error);
+        }
+        Err(_) => {
+            send_final_status(&mut tls, Status::TimedOut).await;
+            return Err(Error::ConnectTimeout { addr: dst });
+        }
+    };
+    tls.write_all(&Status::Connected.encode())
+        .await
+        .map_err(Error::Send)?;
+    tls.flush().await.map_err(Error::Send)?;
+
+    let upstream = SharedTcp::new(upstream);
+    let app = End {
+        reader: upstream.clone(),
+        writer: upstream.clone(),
+        socket: upstream,
+        name: "app",
+        tls: false,
+    };
+    let (tunnel_reader, tunnel_writer) = tokio::io::split(tls);
+    let tunnel = End {
+        reader: tunnel_reader,
+        writer: tunnel_writer,
+        socket: tunnel_socket.clone(),
+        name: "tunnel",
+        tls: true,
+    };
+    let (moved, result) = relay(app, tunnel, &shared.pool, false).await;
+    summary.moved = moved;
+    result.map_err(Error::from)
+}
+
+/// Maps a failed delivery to the status the client side turns into a reset.
+fn connect_status(error: &Error) -> Status {
+    match error {
+        Error::Connect { source, .. } => match source.raw_os_error() {
+            Some(libc::ECONNREFUSED) => Status::Refused,
+            _ => Status::Unreachable,
+        },
+        _ => Status::Unreachable,
+    }
+}
+
+/// Sends a failure status and closes the TLS stream cleanly; errors are ignored because
+/// the connection ends either way and its close event carries the cause.
+async fn send_final_status<S: tokio::io::AsyncWrite + Unpin>(tls: &mut S, status: Status) {
+    let _ = tls.write_all(&status.encode()).await;
+    let _ = tls.shutdown().await;
+}

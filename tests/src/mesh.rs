@@ -1,0 +1,303 @@
+//! A running mesh on an [`Island`]: the workload directory, a CA, one `interceptor run`
+//! daemon per node, and helpers that run `mesh-peer` apps inside pods.
+//!
+//! Daemons run from the root namespace with `--netns <node netns>`, so they keep the
+//! machine's mount namespace (cgroup2 and bpffs stay visible) and live in the caller's
+//! cgroup, outside every node's cgroup subtree. Each daemon's log goes to
+//! `<work dir>/<node>.log`.
+
+use std::fs::File;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::{spawn_in, write_mesh_config, Island, Pod};
+
+/// Trust domain of test and demo meshes.
+pub const TRUST_DOMAIN: &str = "cluster.local";
+
+/// How long a daemon may take from start to its "daemon started" line.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Returns the directory of the workspace's debug binaries; `INTERCEPTOR_TARGET_DIR`
+/// overrides it (for example to run release builds).
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("INTERCEPTOR_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug"))
+}
+
+/// Path of the `interceptor` binary.
+pub fn interceptor_bin() -> PathBuf {
+    target_dir().join("interceptor")
+}
+
+/// Path of the `mesh-peer` binary.
+pub fn mesh_peer_bin() -> PathBuf {
+    target_dir().join("mesh-peer")
+}
+
+/// A daemon process of one node.
+#[derive(Debug)]
+struct Daemon {
+    child: Child,
+}
+
+/// The mesh processes of an island. Dropping it stops the daemons and removes their
+/// pinned programs.
+#[derive(Debug)]
+pub struct Mesh {
+    work_dir: PathBuf,
+    nodes: Vec<String>,
+    node_netns: Vec<PathBuf>,
+    daemons: Vec<Option<Daemon>>,
+    daemon_args: Vec<String>,
+}
+
+impl Mesh {
+    /// Writes the directory enrolling `enrolled`, creates a CA in `work_dir` and starts
+    /// one daemon per node with `daemon_args` added to `interceptor run`. Returns once
+    /// every daemon has logged that it started.
+    pub fn start(
+        island: &Island,
+        work_dir: &Path,
+        enrolled: &[&Pod],
+        daemon_args: &[&str],
+    ) -> io::Result<Mesh> {
+        std::fs::create_dir_all(work_dir)?;
+        write_mesh_config(island, &work_dir.join("mesh.toml"), TRUST_DOMAIN, enrolled)?;
+        let ca_dir = work_dir.join("ca");
+        if !ca_dir.join("ca-key.pem").exists() {
+            let status = Command::new(interceptor_bin())
+                .args(["ca", "init", "--trust-domain", TRUST_DOMAIN, "--dir"])
+                .arg(&ca_dir)
+                .status()?;
+            if !status.success() {
+                return Err(io::Error::other(format!(
+                    "interceptor ca init failed with {status}"
+                )));
+            }
+        }
+        let mut mesh = Mesh {
+            work_dir: work_dir.to_owned(),
+            nodes: island.nodes().iter().map(|n| n.name.clone()).collect(),
+            node_netns: island
+                .nodes()
+                .iter()
+                .map(|n| n.netns_path.clone())
+                .collect(),
+            daemons: island.nodes().iter().map(|_| None).collect(),
+            daemon_args: daemon_args.iter().map(|a| a.to_string()).collect(),
+        };
+        for index in 0..mesh.nodes.len() {
+            mesh.start_daemon(index + 1)?;
+        }
+        Ok(mesh)
+    }
+
+    /// Path of the log of node `node_index` (starting at 1).
+    pub fn log_path(&self, node_index: usize) -> PathBuf {
+        self.work_dir
+            .join(format!("{}.log", self.nodes[node_index - 1]))
+    }
+
+    /// Returns the log of node `node_index` so far.
+    pub fn log(&self, node_index: usize) -> String {
+        std::fs::read_to_string(self.log_path(node_index)).unwrap_or_default()
+    }
+
+    /// Starts the daemon of node `node_index` (starting at 1), appending to its log, and
+    /// waits for its "daemon started" line.
+    pub fn start_daemon(&mut self, node_index: usize) -> io::Result<()> {
+        let slot = node_index - 1;
+        let log_path = self.log_path(node_index);
+        let log = File::options().create(true).append(true).open(&log_path)?;
+        let already = std::fs::read_to_string(&log_path)?
+            .matches("daemon started")
+            .count();
+        let mut command = Command::new(interceptor_bin());
+        command
+            .arg("run")
+            .arg("--config")
+            .arg(self.work_dir.join("mesh.toml"))
+            .args(["--node", &self.nodes[slot]])
+            .arg("--ca-dir")
+            .arg(self.work_dir.join("ca"))
+            .arg("--netns")
+            .arg(&self.node_netns[slot])
+            .args(&self.daemon_args)
+            .env(
+                "INTERCEPTOR_LOG",
+                std::env::var("INTERCEPTOR_LOG").unwrap_or_else(|_| "info".to_owned()),
+            )
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        let mut child = command.spawn()?;
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            let text = std::fs::read_to_string(&log_path)?;
+            if text.matches("daemon started").count() > already {
+                break;
+            }
+            if let Some(status) = child.try_wait()? {
+                return Err(io::Error::other(format!(
+                    "daemon of {} exited with {status} before it started; log:\n{}",
+                    self.nodes[slot],
+                    tail(&text, 40)
+                )));
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(io::Error::other(format!(
+                    "daemon of {} did not start within {START_TIMEOUT:?}; log:\n{}",
+                    self.nodes[slot],
+                    tail(&text, 40)
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.daemons[slot] = Some(Daemon { child });
+        Ok(())
+    }
+
+    /// Stops the daemon of node `node_index` with SIGTERM and waits for it to exit. The
+    /// pinned programs stay, as after any daemon exit.
+    pub fn stop_daemon(&mut self, node_index: usize) -> io::Result<()> {
+        if let Some(mut daemon) = self.daemons[node_index - 1].take() {
+            terminate(&mut daemon.child)?;
+        }
+        Ok(())
+    }
+
+    /// Runs `interceptor uninstall` for node `node_index`.
+    pub fn uninstall(&self, node_index: usize) -> io::Result<Output> {
+        Command::new(interceptor_bin())
+            .args(["uninstall", "--node", &self.nodes[node_index - 1]])
+            .output()
+    }
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        for daemon in self.daemons.iter_mut().filter_map(Option::take) {
+            let mut child = daemon.child;
+            if let Err(err) = terminate(&mut child) {
+                eprintln!("stopping a daemon failed: {err}");
+            }
+        }
+        for index in 0..self.nodes.len() {
+            if let Err(err) = self.uninstall(index + 1) {
+                eprintln!(
+                    "interceptor uninstall for {} failed: {err}",
+                    self.nodes[index]
+                );
+            }
+        }
+    }
+}
+
+/// Sends SIGTERM, waits up to 5 s, then kills.
+fn terminate(child: &mut Child) -> io::Result<()> {
+    // SAFETY: kill(2) with a pid this process spawned and has not yet reaped.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if child.try_wait()?.is_some() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill()?;
+    child.wait().map(|_| ())
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Starts `mesh-peer ARGS` inside `pod`'s namespace and cgroup, with piped stdout and
+/// stderr.
+pub fn spawn_peer(island: &Island, pod: &Pod, args: &[&str]) -> io::Result<Child> {
+    let mut command = Command::new(mesh_peer_bin());
+    command
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    spawn_in(
+        &pod.netns_path,
+        Some(&island.cgroup_dir(&pod.cgroup)),
+        &mut command,
+    )
+}
+
+/// Runs `mesh-peer ARGS` inside `pod` to completion and returns its output.
+pub fn run_peer(island: &Island, pod: &Pod, args: &[&str]) -> io::Result<Output> {
+    spawn_peer(island, pod, args)?.wait_with_output()
+}
+
+/// A `mesh-peer` server running in a pod, with its stdout lines collected as they come.
+#[derive(Debug)]
+pub struct PeerServer {
+    child: Child,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl PeerServer {
+    /// Starts `mesh-peer ARGS` (a server mode) in `pod` and waits for its `listening`
+    /// line.
+    pub fn start(island: &Island, pod: &Pod, args: &[&str]) -> io::Result<PeerServer> {
+        use std::io::BufRead;
+        let mut child = spawn_peer(island, pod, args)?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| io::Error::other("mesh-peer stdout not piped"))?;
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let collected = std::sync::Arc::clone(&lines);
+        std::thread::spawn(move || {
+            for line in io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                collected
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(line);
+            }
+        });
+        let server = PeerServer { child, lines };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !server.lines().iter().any(|l| l.starts_with("listening ")) {
+            if Instant::now() > deadline {
+                return Err(io::Error::other(format!(
+                    "mesh-peer {args:?} did not start listening"
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(server)
+    }
+
+    /// Returns the stdout lines printed so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Returns the peers of the `accepted PEER` lines so far.
+    pub fn accepted(&self) -> Vec<String> {
+        self.lines()
+            .iter()
+            .filter_map(|l| l.strip_prefix("accepted ").map(str::to_owned))
+            .collect()
+    }
+}
+
+impl Drop for PeerServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,407 @@
+//! Privileged end-to-end tests: real network namespaces, cgroups, eBPF programs and
+//! TLS on the wire, with the `interceptor` daemon and `mesh-peer` apps as separate
+//! processes. Run as root through `cargo xtask test`, which builds the eBPF object and
+//! the binaries first.
+//!
+//! Every test builds its own island with its own prefix and subnet, so the tests run
+//! in parallel and never touch each other's state.
+
+use std::path::PathBuf;
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use interceptor_tests::mesh::{run_peer, Mesh, PeerServer, TRUST_DOMAIN};
+use interceptor_tests::{
+    contains, mesh_peer_payload, require_privileges, tls_record_counts, Capture, Island,
+    IslandSpec, Pod,
+};
+
+/// A running island with a mesh on it. Fields drop in order: the mesh's daemons stop
+/// before the island's namespaces go.
+struct Setup {
+    mesh: Mesh,
+    island: Island,
+    work_dir: PathBuf,
+}
+
+/// Builds a 2-node island with 2 pods per node, enrolls the pods for which `enroll`
+/// returns true and starts the daemons with `daemon_args`. Returns `None` when the test
+/// cannot run here (outside CI only).
+fn setup(
+    test: &str,
+    prefix: &str,
+    subnet: u8,
+    enroll: fn(&Pod) -> bool,
+    daemon_args: &[&str],
+) -> Option<Setup> {
+    if !require_privileges(test) {
+        return None;
+    }
+    let spec = IslandSpec {
+        prefix: prefix.to_owned(),
+        nodes: 2,
+        pods_per_node: 2,
+        subnet,
+    };
+    let island = Island::up(spec).expect("building the island");
+    let work_dir = std::env::temp_dir().join(format!("interceptor-e2e-{prefix}"));
+    let _ = std::fs::remove_dir_all(&work_dir);
+    let enrolled: Vec<&Pod> = island.pods().iter().filter(|p| enroll(p)).collect();
+    let mesh = Mesh::start(&island, &work_dir, &enrolled, daemon_args).expect("starting the mesh");
+    Some(Setup {
+        mesh,
+        island,
+        work_dir,
+    })
+}
+
+fn all_pods(_: &Pod) -> bool {
+    true
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
+}
+
+fn spiffe_id(pod: &Pod) -> String {
+    format!("spiffe://{TRUST_DOMAIN}/ns/default/sa/{}", pod.short_name)
+}
+
+/// Runs `mesh-peer client` in `pod` against `addr` and returns its result line and the
+/// time it took.
+fn client(setup: &Setup, pod: &Pod, args: &[&str]) -> (String, Duration) {
+    let started = Instant::now();
+    let output = run_peer(&setup.island, pod, args).expect("running mesh-peer");
+    (stdout(&output), started.elapsed())
+}
+
+#[test]
+fn cross_node_bytes_arrive_over_mtls() {
+    let Some(setup) = setup(
+        "cross_node_bytes_arrive_over_mtls",
+        "xn",
+        211,
+        all_pods,
+        &[],
+    ) else {
+        return;
+    };
+    let client_pod = setup.island.pod(1, 2);
+    let server_pod = setup.island.pod(2, 1);
+    let server = PeerServer::start(&setup.island, server_pod, &["echo", "0.0.0.0:8080"])
+        .expect("starting the server");
+    let pcap = setup.work_dir.join("wire.pcap");
+    let capture =
+        Capture::start(&setup.island.node(1).netns_path, "wire", &pcap).expect("starting tcpdump");
+
+    let dst = format!("{}:8080", server_pod.ip);
+    let (result, _) = client(&setup, client_pod, &["client", &dst, "--bytes", "300000"]);
+    assert_eq!(result, "result=ok sent=300000 received=300000");
+    // A dual-stack socket connecting to the IPv4-mapped address takes connect6.
+    let mapped = format!("[::ffff:{}]:8080", server_pod.ip);
+    let (result, _) = client(&setup, client_pod, &["client", &mapped, "--bytes", "1000"]);
+    assert_eq!(result, "result=ok sent=1000 received=1000");
+    capture.stop().expect("stopping tcpdump");
+
+    let marker = &mesh_peer_payload(19 * 43)[19 * 42..];
+    assert!(
+        !contains(&pcap, marker),
+        "the wire carried the payload in cleartext"
+    );
+    let (handshakes, records) = tls_record_counts(&pcap, 15008);
+    assert!(
+        handshakes >= 2,
+        "expected TLS handshake records on the wire, saw {handshakes}"
+    );
+    assert!(
+        records >= 20,
+        "expected TLS application data records on the wire, saw {records}"
+    );
+    assert_eq!(
+        server.accepted().len(),
+        2,
+        "server accepts: {:?}",
+        server.accepted()
+    );
+
+    let client_log = setup.mesh.log(1);
+    let server_log = setup.mesh.log(2);
+    let identities = format!(
+        "src_identity=\"{}\" dst_identity=\"{}\"",
+        spiffe_id(client_pod),
+        spiffe_id(server_pod)
+    );
+    let closed_cleanly = |log: &str| {
+        log.lines().any(|l| {
+            l.contains("connection closed") && l.contains(&identities) && !l.contains("error=")
+        })
+    };
+    assert!(
+        closed_cleanly(&client_log),
+        "client-side log:\n{client_log}"
+    );
+    assert!(
+        closed_cleanly(&server_log),
+        "server-side log:\n{server_log}"
+    );
+    assert!(
+        client_log.contains("bytes_sent=300000 bytes_received=300000"),
+        "client-side log:\n{client_log}"
+    );
+}
+
+#[test]
+fn tcp_semantics_survive_the_tunnel() {
+    let Some(setup) = setup("tcp_semantics_survive_the_tunnel", "ts", 212, all_pods, &[]) else {
+        return;
+    };
+    let client_pod = setup.island.pod(1, 1);
+    let server_pod = setup.island.pod(2, 1);
+    let _banner = PeerServer::start(
+        &setup.island,
+        server_pod,
+        &["banner", "0.0.0.0:8081", "220-hello"],
+    )
+    .expect("banner server");
+    let _reset = PeerServer::start(&setup.island, server_pod, &["reset", "0.0.0.0:8082"])
+        .expect("reset server");
+
+    // A server that speaks first is heard before the client sends anything.
+    let dst = format!("{}:8081", server_pod.ip);
+    let (result, _) = client(
+        &setup,
+        client_pod,
+        &[
+            "client",
+            &dst,
+            "--expect-banner",
+            "220-hello",
+            "--bytes",
+            "5000",
+        ],
+    );
+    assert_eq!(result, "result=ok sent=5000 received=5000");
+
+    // The server's reset reaches the client as a reset.
+    let dst = format!("{}:8082", server_pod.ip);
+    let (result, _) = client(&setup, client_pod, &["client", &dst, "--bytes", "100000"]);
+    assert!(result.starts_with("result=reset"), "{result}");
+
+    // Nothing listens on 8090: the app's connect succeeded on loopback, so it sees a
+    // reset, within a second.
+    let dst = format!("{}:8090", server_pod.ip);
+    let (result, took) = client(&setup, client_pod, &["client", &dst, "--bytes", "10"]);
+    assert!(
+        result.starts_with("result=reset") || result.starts_with("result=eof-early"),
+        "{result}"
+    );
+    assert!(
+        took < Duration::from_secs(2),
+        "refused destination took {took:?}"
+    );
+
+    // The tunnel delivers to its own pod only, never to the daemon's ports.
+    let dst = format!("{}:15008", server_pod.ip);
+    let (result, _) = client(&setup, client_pod, &["client", &dst, "--bytes", "10"]);
+    assert!(!result.starts_with("result=ok"), "{result}");
+    let server_log = setup.mesh.log(2);
+    assert!(
+        server_log.contains("which this pod"),
+        "server-side log:\n{server_log}"
+    );
+}
+
+fn first_pod_of_each_node(pod: &Pod) -> bool {
+    pod.index == 1
+}
+
+#[test]
+fn non_enrolled_pods_and_passthrough() {
+    let Some(setup) = setup(
+        "non_enrolled_pods_and_passthrough",
+        "ne",
+        213,
+        first_pod_of_each_node,
+        &[],
+    ) else {
+        return;
+    };
+    let enrolled_client = setup.island.pod(1, 1);
+    let plain_client = setup.island.pod(1, 2);
+    let plain_server = setup.island.pod(2, 2);
+    let server = PeerServer::start(&setup.island, plain_server, &["echo", "0.0.0.0:8080"])
+        .expect("starting the server");
+    let pcap = setup.work_dir.join("wire.pcap");
+    let capture =
+        Capture::start(&setup.island.node(1).netns_path, "wire", &pcap).expect("starting tcpdump");
+
+    // A pod that is not enrolled talks plain TCP, untouched: its bytes are on the wire.
+    let dst = format!("{}:8080", plain_server.ip);
+    let (result, _) = client(&setup, plain_client, &["client", &dst, "--bytes", "2000"]);
+    assert_eq!(result, "result=ok sent=2000 received=2000");
+    capture.stop().expect("stopping tcpdump");
+    assert!(
+        contains(&pcap, &mesh_peer_payload(2000)[1900..1919]),
+        "non-enrolled traffic was not plain TCP"
+    );
+    assert!(
+        !setup.mesh.log(1).contains("connection closed"),
+        "the daemon saw a non-enrolled pod's connection"
+    );
+
+    // An enrolled pod reaching a destination outside the mesh goes through the daemon
+    // as plain passthrough; the daemon's own upstream connect from inside the pod is not
+    // redirected again, or this would loop back to the daemon.
+    let (result, _) = client(
+        &setup,
+        enrolled_client,
+        &["client", &dst, "--bytes", "2000"],
+    );
+    assert_eq!(result, "result=ok sent=2000 received=2000");
+    let log = setup.mesh.log(1);
+    assert!(
+        log.lines()
+            .any(|l| l.contains("mode=\"passthrough\"") || l.contains("mode=passthrough")),
+        "log:\n{log}"
+    );
+    let sources = server.accepted();
+    assert!(
+        sources
+            .iter()
+            .any(|s| s.starts_with(&format!("{}:", enrolled_client.ip))),
+        "passthrough should come from the enrolled pod's address: {sources:?}"
+    );
+}
+
+#[test]
+fn daemon_down_fails_closed_and_restart_takes_over() {
+    let Some(mut setup) = setup(
+        "daemon_down_fails_closed_and_restart_takes_over",
+        "fc",
+        214,
+        all_pods,
+        &[],
+    ) else {
+        return;
+    };
+    let client_pod = setup.island.pod(1, 1).clone();
+    let server_pod = setup.island.pod(2, 1).clone();
+    let node = setup.island.node(1).name.clone();
+    let _server = PeerServer::start(&setup.island, &server_pod, &["echo", "0.0.0.0:8080"])
+        .expect("starting the server");
+    let dst = format!("{}:8080", server_pod.ip);
+    let pins = PathBuf::from("/sys/fs/bpf/interceptor").join(&node);
+    let links = |pins: &PathBuf| -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(pins)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.contains('@'))
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    };
+    assert_eq!(links(&pins).len(), 3, "pinned links: {:?}", links(&pins));
+
+    setup.mesh.stop_daemon(1).expect("stopping the daemon");
+    let pcap = setup.work_dir.join("wire.pcap");
+    let capture =
+        Capture::start(&setup.island.node(1).netns_path, "wire", &pcap).expect("starting tcpdump");
+    let (result, _) = client(&setup, &client_pod, &["connect-only", &dst]);
+    assert!(
+        result.starts_with("result=refused"),
+        "with the daemon down: {result}"
+    );
+    let (result, _) = client(&setup, &client_pod, &["client", &dst, "--bytes", "500"]);
+    assert!(
+        !result.starts_with("result=ok"),
+        "with the daemon down: {result}"
+    );
+    capture.stop().expect("stopping tcpdump");
+    let leaked = interceptor_tests::tcp_payloads(&pcap);
+    assert!(
+        leaked.is_empty(),
+        "bytes reached the wire with the daemon down: {leaked:?}"
+    );
+
+    let before = links(&pins);
+    setup.mesh.start_daemon(1).expect("restarting the daemon");
+    assert_eq!(
+        links(&pins),
+        before,
+        "a restart must take the pinned links over, not add more"
+    );
+    assert!(
+        setup.mesh.log(1).contains("took over pinned link"),
+        "log:\n{}",
+        setup.mesh.log(1)
+    );
+    let (result, _) = client(&setup, &client_pod, &["client", &dst, "--bytes", "500"]);
+    assert_eq!(result, "result=ok sent=500 received=500");
+
+    setup.mesh.stop_daemon(1).expect("stopping the daemon");
+    let output = setup.mesh.uninstall(1).expect("running uninstall");
+    assert!(
+        output.status.success(),
+        "uninstall failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(!pins.exists(), "uninstall left {}", pins.display());
+}
+
+#[test]
+fn bad_peers_are_rejected_and_others_served() {
+    let Some(setup) = setup(
+        "bad_peers_are_rejected_and_others_served",
+        "bp",
+        215,
+        first_pod_of_each_node,
+        &["--handshake-timeout", "1s"],
+    ) else {
+        return;
+    };
+    let client_pod = setup.island.pod(1, 1);
+    let outsider = setup.island.pod(1, 2);
+    let server_pod = setup.island.pod(2, 1);
+    let _server = PeerServer::start(&setup.island, server_pod, &["echo", "0.0.0.0:8080"])
+        .expect("starting the server");
+    let tunnel = format!("{}:15008", server_pod.ip);
+
+    // Plaintext garbage at the tunnel port from a pod outside the mesh.
+    let (result, _) = client(&setup, outsider, &["client", &tunnel, "--bytes", "4000"]);
+    assert!(!result.starts_with("result=ok"), "{result}");
+    // A peer that sends nothing is cut off at the handshake timeout.
+    let (result, took) = client(
+        &setup,
+        outsider,
+        &[
+            "client",
+            &tunnel,
+            "--expect-banner",
+            "never",
+            "--bytes",
+            "1",
+        ],
+    );
+    assert!(!result.starts_with("result=ok"), "{result}");
+    assert!(
+        took < Duration::from_secs(5),
+        "silent peer held for {took:?}"
+    );
+
+    let log = setup.mesh.log(2);
+    assert!(
+        log.contains("TLS handshake with"),
+        "server-side log:\n{log}"
+    );
+    assert!(
+        log.contains("did not complete within 1s"),
+        "server-side log:\n{log}"
+    );
+
+    let dst = format!("{}:8080", server_pod.ip);
+    let (result, _) = client(&setup, client_pod, &["client", &dst, "--bytes", "1000"]);
+    assert_eq!(result, "result=ok sent=1000 received=1000");
+}
