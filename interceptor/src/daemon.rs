@@ -24,7 +24,7 @@ use crate::ebpf::{self, NodePrograms};
 use crate::identity::CertificateAuthority;
 use crate::netns::Netns;
 use crate::relay::BufferPool;
-use crate::tunnel::{self, LocalWorkload, Shared, TlsConfigs};
+use crate::tunnel::{self, LocalWorkload, OrigDstSource, Shared, TlsConfigs};
 use crate::workloads::{Directory, Registry, Workload};
 
 /// Listen backlog of the in-pod listeners.
@@ -162,7 +162,7 @@ pub async fn run(config: RunConfig) -> Result<(), Error> {
     let shared = Arc::new(Shared::new(
         config.clone(),
         registry,
-        programs,
+        OrigDstSource::Ebpf(programs),
         BufferPool::new(POOLED_BUFFERS),
     ));
     for (local, outbound, tunnel) in listeners {
@@ -217,7 +217,7 @@ async fn prepare_workload(
     ca: &CertificateAuthority,
     config: &RunConfig,
 ) -> Result<Arc<LocalWorkload>, Error> {
-    let netns = Netns::spawn(&workload.netns).map_err(|source| Error::Netns {
+    let netns = Netns::spawn(&workload.netns, None).map_err(|source| Error::Netns {
         workload: workload.name.clone(),
         source,
     })?;

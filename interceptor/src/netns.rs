@@ -89,6 +89,9 @@ pub struct Netns {
     requests: mpsc::Sender<Request>,
 }
 
+/// Path of the namespace the process runs in, for [`Netns::spawn`].
+pub const CURRENT: &str = "/proc/self/ns/net";
+
 impl std::fmt::Debug for Request {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Request::TcpSocket")
@@ -96,9 +99,10 @@ impl std::fmt::Debug for Request {
 }
 
 impl Netns {
-    /// Starts the namespace's thread and reads the namespace cookie. The thread stops
+    /// Starts the namespace's thread and reads the namespace cookie. Every socket the
+    /// thread creates carries `mark` (`SO_MARK`) when one is given. The thread stops
     /// when the last handle is dropped.
-    pub fn spawn(path: &Path) -> Result<Self, Error> {
+    pub fn spawn(path: &Path, mark: Option<u32>) -> Result<Self, Error> {
         let (requests, receiver) = mpsc::channel::<Request>();
         let (ready_tx, ready_rx) = mpsc::channel::<Result<u64, Error>>();
         let thread_path = path.to_owned();
@@ -110,7 +114,7 @@ impl Netns {
             .name(name)
             .spawn(move || {
                 let entered = enter(&thread_path).and_then(|()| {
-                    tcp_socket()
+                    tcp_socket(mark)
                         .and_then(|s| netns_cookie(&s))
                         .map_err(|source| Error::Cookie {
                             path: thread_path.clone(),
@@ -125,7 +129,7 @@ impl Netns {
                 for request in receiver {
                     match request {
                         Request::TcpSocket(reply) => {
-                            let _ = reply.send(tcp_socket());
+                            let _ = reply.send(tcp_socket(mark));
                         }
                     }
                 }
@@ -178,12 +182,15 @@ impl Netns {
     }
 }
 
-fn tcp_socket() -> io::Result<Socket> {
+fn tcp_socket(mark: Option<u32>) -> io::Result<Socket> {
     let socket = Socket::new(
         Domain::IPV4,
         Type::STREAM.nonblocking().cloexec(),
         Some(Protocol::TCP),
     )?;
     socket.set_tcp_nodelay(true)?;
+    if let Some(mark) = mark {
+        socket.set_mark(mark)?;
+    }
     Ok(socket)
 }

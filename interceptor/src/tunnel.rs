@@ -105,12 +105,75 @@ impl LocalWorkload {
     }
 }
 
+/// Where the original destination of an outbound connection comes from.
+#[derive(Debug)]
+pub enum OrigDstSource {
+    /// The eBPF connect hooks' map, keyed by the namespace cookie and the app socket's
+    /// address (ambient mode).
+    Ebpf(Arc<NodePrograms>),
+    /// `SO_ORIGINAL_DST` of the accepted socket, set by an iptables `REDIRECT` rule
+    /// (the sidecar baseline).
+    SoOriginalDst,
+}
+
+impl OrigDstSource {
+    /// Returns the original destination of the redirected connection `app`, accepted
+    /// from `peer` in `local`'s namespace, or `None` when none was recorded.
+    fn take(
+        &self,
+        local: &LocalWorkload,
+        app: &TcpStream,
+        peer: SocketAddr,
+    ) -> Option<SocketAddrV4> {
+        match self {
+            Self::Ebpf(programs) => {
+                let IpAddr::V4(src_ip) = peer.ip() else {
+                    return None;
+                };
+                let key = ConnKey {
+                    netns_cookie: local.netns.cookie(),
+                    src_addr_be: u32::from(src_ip).to_be(),
+                    src_port: peer.port(),
+                    _pad: 0,
+                };
+                let orig = programs.take_orig_dst(&key)?;
+                let addr = Ipv4Addr::from(u32::from_be(orig.addr_be));
+                Some(SocketAddrV4::new(addr, u16::from_be(orig.port_be)))
+            }
+            Self::SoOriginalDst => so_original_dst(app),
+        }
+    }
+}
+
+/// Reads `SO_ORIGINAL_DST`: the destination before a netfilter `REDIRECT`.
+fn so_original_dst(stream: &TcpStream) -> Option<SocketAddrV4> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: `sockaddr_in` is plain data.
+    let mut addr: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+    let mut len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: `addr` and `len` are valid for writes of the sizes given.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_IP,
+            libc::SO_ORIGINAL_DST,
+            (&mut addr as *mut libc::sockaddr_in).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 || i32::from(addr.sin_family) != libc::AF_INET {
+        return None;
+    }
+    let ip = Ipv4Addr::from(u32::from_be(addr.sin_addr.s_addr));
+    Some(SocketAddrV4::new(ip, u16::from_be(addr.sin_port)))
+}
+
 /// State shared by every connection of the daemon.
 #[derive(Debug)]
 pub struct Shared {
     pub config: RunConfig,
     pub registry: Arc<Registry>,
-    pub programs: Arc<NodePrograms>,
+    pub orig_dst: OrigDstSource,
     pub pool: Arc<BufferPool>,
     next_id: AtomicU64,
 }
@@ -119,13 +182,13 @@ impl Shared {
     pub fn new(
         config: RunConfig,
         registry: Arc<Registry>,
-        programs: Arc<NodePrograms>,
+        orig_dst: OrigDstSource,
         pool: Arc<BufferPool>,
     ) -> Self {
         Self {
             config,
             registry,
-            programs,
+            orig_dst,
             pool,
             next_id: AtomicU64::new(1),
         }
@@ -184,6 +247,9 @@ struct Summary {
     /// The destination workload's identity, authenticated on the outbound side.
     dst_identity: Option<SpiffeId>,
     mode: &'static str,
+    /// What encrypted the tunnel's bytes: "userspace" (rustls), or "none" for
+    /// passthrough.
+    tls: &'static str,
     moved: Transferred,
 }
 
@@ -201,6 +267,7 @@ fn log_close(started: Instant, summary: &Summary, result: &Result<(), Error>) {
             src_identity,
             dst_identity,
             mode = summary.mode,
+            tls = summary.tls,
             bytes_sent = summary.moved.app_to_tunnel,
             bytes_received = summary.moved.tunnel_to_app,
             duration_ms,
@@ -211,6 +278,7 @@ fn log_close(started: Instant, summary: &Summary, result: &Result<(), Error>) {
             src_identity,
             dst_identity,
             mode = summary.mode,
+            tls = summary.tls,
             bytes_sent = summary.moved.app_to_tunnel,
             bytes_received = summary.moved.tunnel_to_app,
             duration_ms,
@@ -244,6 +312,7 @@ async fn outbound(
     let started = Instant::now();
     let mut summary = Summary {
         mode: "tunnel",
+        tls: "userspace",
         src_identity: Some(local.workload.spiffe_id.clone()),
         ..Summary::default()
     };
@@ -262,28 +331,16 @@ async fn outbound_inner(
     shared: &Shared,
     summary: &mut Summary,
 ) -> Result<(), Error> {
-    let IpAddr::V4(src_ip) = peer.ip() else {
-        return Err(Error::NoOrigDst);
-    };
-    let key = ConnKey {
-        netns_cookie: local.netns.cookie(),
-        src_addr_be: u32::from(src_ip).to_be(),
-        src_port: peer.port(),
-        _pad: 0,
-    };
-    let orig = shared
-        .programs
-        .take_orig_dst(&key)
+    let dst = shared
+        .orig_dst
+        .take(local, &app.0, peer)
         .ok_or(Error::NoOrigDst)?;
-    let dst = SocketAddrV4::new(
-        Ipv4Addr::from(u32::from_be(orig.addr_be)),
-        u16::from_be(orig.port_be),
-    );
     summary.dst = Some(dst.into());
 
     let directory = shared.registry.snapshot();
     let Some(target) = directory.by_ip(*dst.ip()) else {
         summary.mode = "passthrough";
+        summary.tls = "none";
         return passthrough(app, dst.into(), local, shared, summary).await;
     };
     let expected = target.spiffe_id.clone();
@@ -382,6 +439,7 @@ async fn inbound(stream: TcpStream, local: Arc<LocalWorkload>, shared: Arc<Share
     let started = Instant::now();
     let mut summary = Summary {
         mode: "tunnel",
+        tls: "userspace",
         dst_identity: Some(local.workload.spiffe_id.clone()),
         ..Summary::default()
     };
