@@ -62,6 +62,24 @@ pub struct RunConfig {
     /// Number of async worker threads.
     #[arg(long, env = "INTERCEPTOR_WORKER_THREADS", default_value_t = 2)]
     pub worker_threads: usize,
+
+    /// Kernel TLS: `auto` hands tunnels to the kernel where it can carry them, `off`
+    /// keeps every tunnel in userspace rustls.
+    #[arg(long, env = "INTERCEPTOR_KERNEL_TLS", value_enum, default_value_t = KernelTls::Auto)]
+    pub kernel_tls: KernelTls,
+
+    /// Records sent under one traffic key before rustls rekeys with a TLS KeyUpdate,
+    /// lowering each suite's own limit (AES-GCM: 2^23 records in rustls). For tests of
+    /// the rekey policy; unset in production.
+    #[arg(long, env = "INTERCEPTOR_TLS_RECORD_LIMIT")]
+    pub tls_record_limit: Option<u64>,
+}
+
+/// Values of `--kernel-tls`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelTls {
+    Auto,
+    Off,
 }
 
 impl RunConfig {
@@ -93,6 +111,9 @@ impl RunConfig {
                 "--svid-lifetime {:?}: must be at least 2s",
                 self.svid_lifetime
             ));
+        }
+        if self.tls_record_limit == Some(0) {
+            problems.push("--tls-record-limit 0: must be at least 1".to_owned());
         }
         if self.worker_threads == 0 {
             problems.push("--worker-threads 0: must be at least 1".to_owned());

@@ -19,11 +19,13 @@ use interceptor_common::EnrolledCgroup;
 use tokio::net::TcpListener;
 use tracing::{info, warn, Instrument};
 
-use crate::config::RunConfig;
+use crate::config::{KernelTls, RunConfig};
 use crate::ebpf::{self, NodePrograms};
 use crate::identity::CertificateAuthority;
+use crate::ktls;
 use crate::netns::Netns;
 use crate::relay::BufferPool;
+use crate::tls::TunnelOptions;
 use crate::tunnel::{self, LocalWorkload, OrigDstSource, Shared, TlsConfigs};
 use crate::workloads::{Directory, Registry, Workload};
 
@@ -117,12 +119,21 @@ pub async fn run(config: RunConfig) -> Result<(), Error> {
     let node_cgroup = cgroup2.join(&node.cgroup);
     ebpf::cgroup_id(&node_cgroup)?;
 
+    let ktls = match config.kernel_tls {
+        KernelTls::Auto => ktls::probe(),
+        KernelTls::Off => ktls::Support::none("turned off with --kernel-tls off"),
+    };
+    let options = TunnelOptions {
+        kernel_tls: ktls.any(),
+        record_limit: config.tls_record_limit,
+    };
+
     let ca = Arc::new(ca);
     let mut locals = Vec::new();
     let mut enrolled = Vec::new();
     let mut listeners = Vec::new();
     for workload in directory.on_node(&node.name) {
-        let local = prepare_workload(workload, &ca, &config).await?;
+        let local = prepare_workload(workload, &ca, &config, &options).await?;
         let cgroup_id = ebpf::cgroup_id(&cgroup2.join(&workload.cgroup))?;
         enrolled.push((
             cgroup_id,
@@ -154,7 +165,7 @@ pub async fn run(config: RunConfig) -> Result<(), Error> {
         cgroup = %node_cgroup.display(),
         pins = %ebpf::pin_dir(&config.bpffs, &node.name).display(),
         workloads = locals.len(),
-        tls = "userspace rustls (no kernel TLS offload in this build)",
+        kernel_tls = %ktls.describe(),
         "daemon started"
     );
 
@@ -164,6 +175,7 @@ pub async fn run(config: RunConfig) -> Result<(), Error> {
         registry,
         OrigDstSource::Ebpf(programs),
         BufferPool::new(POOLED_BUFFERS),
+        ktls,
     ));
     for (local, outbound, tunnel) in listeners {
         info!(
@@ -183,7 +195,15 @@ pub async fn run(config: RunConfig) -> Result<(), Error> {
             Arc::clone(&shared),
         ));
         let span = tracing::info_span!("renew", workload = %local.workload.name);
-        tokio::spawn(renew_svids(local, Arc::clone(&ca), config.svid_lifetime).instrument(span));
+        tokio::spawn(
+            renew_svids(
+                local,
+                Arc::clone(&ca),
+                config.svid_lifetime,
+                options.clone(),
+            )
+            .instrument(span),
+        );
     }
 
     wait_for_stop().await?;
@@ -216,12 +236,13 @@ async fn prepare_workload(
     workload: &Workload,
     ca: &CertificateAuthority,
     config: &RunConfig,
+    options: &TunnelOptions,
 ) -> Result<Arc<LocalWorkload>, Error> {
     let netns = Netns::spawn(&workload.netns, None).map_err(|source| Error::Netns {
         workload: workload.name.clone(),
         source,
     })?;
-    let tls = issue_tls(workload, ca, config.svid_lifetime)?;
+    let tls = issue_tls(workload, ca, config.svid_lifetime, options)?;
     Ok(Arc::new(LocalWorkload {
         workload: workload.clone(),
         netns,
@@ -234,6 +255,7 @@ fn issue_tls(
     workload: &Workload,
     ca: &CertificateAuthority,
     lifetime: Duration,
+    options: &TunnelOptions,
 ) -> Result<TlsConfigs, Error> {
     let svid = ca
         .issue(&workload.spiffe_id, lifetime)
@@ -247,8 +269,8 @@ fn issue_tls(
         source,
     };
     Ok(TlsConfigs {
-        client: crate::tls::client_config(&svid, &bundle).map_err(tls_error)?,
-        server: crate::tls::server_config(&svid, &bundle).map_err(tls_error)?,
+        client: crate::tls::client_config_with(&svid, &bundle, options).map_err(tls_error)?,
+        server: crate::tls::server_config_with(&svid, &bundle, options).map_err(tls_error)?,
         serial: svid.serial.clone(),
     })
 }
@@ -269,12 +291,17 @@ async fn listen(local: &LocalWorkload, addr: SocketAddr) -> Result<TcpListener, 
 
 /// Renews `local`'s SVID at half its lifetime, forever. Connections opened after a
 /// renewal present the new certificate; open ones keep their session.
-async fn renew_svids(local: Arc<LocalWorkload>, ca: Arc<CertificateAuthority>, lifetime: Duration) {
+async fn renew_svids(
+    local: Arc<LocalWorkload>,
+    ca: Arc<CertificateAuthority>,
+    lifetime: Duration,
+    options: TunnelOptions,
+) {
     let mut retry = Duration::from_secs(1);
     let mut next = lifetime / 2;
     loop {
         tokio::time::sleep(next).await;
-        match issue_tls(&local.workload, &ca, lifetime) {
+        match issue_tls(&local.workload, &ca, lifetime, &options) {
             Ok(tls) => {
                 info!(serial = %tls.serial, valid_for = ?lifetime, "renewed SVID");
                 match local.tls.write() {

@@ -5,6 +5,7 @@ pub mod config;
 pub mod daemon;
 pub mod ebpf;
 pub mod identity;
+pub mod ktls;
 pub mod netns;
 pub mod protocol;
 pub mod relay;

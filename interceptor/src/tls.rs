@@ -7,7 +7,7 @@
 //! Session resumption and 0-RTT are off, so every connection runs a full handshake and
 //! verifies the peer's current certificate.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::{verify_server_cert_signed_by_trust_anchor, Resumption};
@@ -20,8 +20,9 @@ use rustls::server::{
 };
 use rustls::sign::CertifiedKey;
 use rustls::{
-    CertificateError, ClientConfig, CommonState, DigitallySignedStruct, DistinguishedName,
-    OtherError, RootCertStore, ServerConfig, SignatureScheme,
+    CertificateError, CipherSuiteCommon, ClientConfig, CommonState, DigitallySignedStruct,
+    DistinguishedName, OtherError, RootCertStore, ServerConfig, SignatureScheme,
+    SupportedCipherSuite, Tls13CipherSuite,
 };
 
 use crate::identity::{self, SpiffeId, Svid, TrustDomain};
@@ -92,6 +93,70 @@ pub fn crypto_provider() -> Arc<CryptoProvider> {
         .clone()
 }
 
+/// Choices of the tunnel's TLS that depend on the kernel, or on a test.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TunnelOptions {
+    /// Prefer ChaCha20-Poly1305, the suite kernel TLS carries without rekeying, and
+    /// allow the traffic secrets to be extracted for the kernel.
+    pub kernel_tls: bool,
+    /// Records per traffic key after which rustls sends a KeyUpdate, lowering each
+    /// suite's own confidentiality limit; for tests of the rekey policy.
+    pub record_limit: Option<u64>,
+}
+
+/// Returns the provider for `options`: [`crypto_provider`], reordered and with lower
+/// record limits where `options` ask for it.
+fn provider_for(options: &TunnelOptions) -> Arc<CryptoProvider> {
+    if *options == TunnelOptions::default() {
+        return crypto_provider();
+    }
+    let base = crypto_provider();
+    let mut suites: Vec<SupportedCipherSuite> = base
+        .cipher_suites
+        .iter()
+        .map(|suite| match (suite, options.record_limit) {
+            (SupportedCipherSuite::Tls13(tls13), Some(limit)) => {
+                SupportedCipherSuite::Tls13(limited_suite(tls13, limit))
+            }
+            _ => *suite,
+        })
+        .collect();
+    if options.kernel_tls {
+        // rustls servers follow the client's order, so this choice decides the suite.
+        suites.sort_by_key(|suite| {
+            suite.suite() != rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256
+        });
+    }
+    Arc::new(CryptoProvider {
+        cipher_suites: suites,
+        ..(*base).clone()
+    })
+}
+
+/// Returns `suite` with its confidentiality limit lowered to `limit` records.
+///
+/// rustls takes suites as `&'static`, so each (suite, limit) pair is built once and
+/// kept for the life of the process.
+fn limited_suite(suite: &'static Tls13CipherSuite, limit: u64) -> &'static Tls13CipherSuite {
+    static LIMITED: Mutex<Vec<(rustls::CipherSuite, u64, &'static Tls13CipherSuite)>> =
+        Mutex::new(Vec::new());
+    let mut limited = LIMITED
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let id = suite.common.suite;
+    if let Some((_, _, found)) = limited.iter().find(|(s, l, _)| *s == id && *l == limit) {
+        return found;
+    }
+    let common = CipherSuiteCommon {
+        confidentiality_limit: limit.min(suite.common.confidentiality_limit),
+        ..suite.common
+    };
+    let built: &'static Tls13CipherSuite =
+        Box::leak(Box::new(Tls13CipherSuite { common, ..*suite }));
+    limited.push((id, limit, built));
+    built
+}
+
 /// Builds the configuration of the tunnel's server end, which presents `svid`.
 ///
 /// The client must present a certificate that chains to `trust_bundle`, has the
@@ -102,7 +167,16 @@ pub fn server_config(
     svid: &Svid,
     trust_bundle: &[CertificateDer<'static>],
 ) -> Result<Arc<ServerConfig>, Error> {
-    let provider = crypto_provider();
+    server_config_with(svid, trust_bundle, &TunnelOptions::default())
+}
+
+/// Builds the server configuration as [`server_config`] does, with `options`.
+pub fn server_config_with(
+    svid: &Svid,
+    trust_bundle: &[CertificateDer<'static>],
+    options: &TunnelOptions,
+) -> Result<Arc<ServerConfig>, Error> {
+    let provider = provider_for(options);
     let config_error = |source| Error::Config {
         spiffe_id: svid.spiffe_id.clone(),
         source: Box::new(source),
@@ -132,6 +206,7 @@ pub fn server_config(
     config.send_tls13_tickets = 0;
     config.session_storage = Arc::new(NoServerSessionStorage {});
     config.max_early_data_size = 0;
+    config.enable_secret_extraction = options.kernel_tls;
     Ok(Arc::new(config))
 }
 
@@ -145,7 +220,16 @@ pub fn client_config(
     svid: &Svid,
     trust_bundle: &[CertificateDer<'static>],
 ) -> Result<Arc<ClientConfig>, Error> {
-    let provider = crypto_provider();
+    client_config_with(svid, trust_bundle, &TunnelOptions::default())
+}
+
+/// Builds the client configuration as [`client_config`] does, with `options`.
+pub fn client_config_with(
+    svid: &Svid,
+    trust_bundle: &[CertificateDer<'static>],
+    options: &TunnelOptions,
+) -> Result<Arc<ClientConfig>, Error> {
+    let provider = provider_for(options);
     let config_error = |source| Error::Config {
         spiffe_id: svid.spiffe_id.clone(),
         source: Box::new(source),
@@ -169,6 +253,7 @@ pub fn client_config(
     config.alpn_protocols = vec![ALPN_PROTOCOL.to_vec()];
     config.resumption = Resumption::disabled();
     config.enable_early_data = false;
+    config.enable_secret_extraction = options.kernel_tls;
     Ok(Arc::new(config))
 }
 

@@ -24,14 +24,15 @@ use std::time::{Duration, Instant};
 
 use interceptor_common::ConnKey;
 use rustls::pki_types::ServerName;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
-use tracing::{info, info_span, warn, Instrument};
+use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::config::RunConfig;
 use crate::ebpf::NodePrograms;
 use crate::identity::SpiffeId;
+use crate::ktls::{self, KtlsStream, RecordBoundedIo};
 use crate::netns::Netns;
 use crate::protocol::{self, Status};
 use crate::relay::{self, relay, BufferPool, End, SharedTcp, Transferred};
@@ -65,8 +66,8 @@ pub enum Error {
     #[error("peer presented {actual}, but the directory gives {expected} for {addr}")]
     IdentityMismatch {
         addr: IpAddr,
-        expected: SpiffeId,
-        actual: SpiffeId,
+        expected: Box<SpiffeId>,
+        actual: Box<SpiffeId>,
     },
     #[error("invalid preamble")]
     Preamble(#[source] protocol::Error),
@@ -74,6 +75,10 @@ pub enum Error {
     InvalidDestination { dst: SocketAddr, pod_ip: Ipv4Addr },
     #[error("sending to the tunnel failed")]
     Send(#[source] std::io::Error),
+    #[error("the server sent {len} bytes before the tunnel status")]
+    UnexpectedData { len: usize },
+    #[error("handing the tunnel to kernel TLS failed")]
+    Ktls(#[source] ktls::Error),
     #[error(transparent)]
     Relay(#[from] relay::Error),
 }
@@ -175,6 +180,9 @@ pub struct Shared {
     pub registry: Arc<Registry>,
     pub orig_dst: OrigDstSource,
     pub pool: Arc<BufferPool>,
+    /// What kernel TLS can carry here; tunnels are offloaded per connection when their
+    /// negotiated suite allows it.
+    pub ktls: ktls::Support,
     next_id: AtomicU64,
 }
 
@@ -184,12 +192,14 @@ impl Shared {
         registry: Arc<Registry>,
         orig_dst: OrigDstSource,
         pool: Arc<BufferPool>,
+        ktls: ktls::Support,
     ) -> Self {
         Self {
             config,
             registry,
             orig_dst,
             pool,
+            ktls,
             next_id: AtomicU64::new(1),
         }
     }
@@ -250,6 +260,8 @@ struct Summary {
     /// What encrypted the tunnel's bytes: "userspace" (rustls), or "none" for
     /// passthrough.
     tls: &'static str,
+    /// The cipher kernel TLS runs, when it carries the tunnel.
+    cipher: Option<&'static str>,
     moved: Transferred,
 }
 
@@ -268,6 +280,7 @@ fn log_close(started: Instant, summary: &Summary, result: &Result<(), Error>) {
             dst_identity,
             mode = summary.mode,
             tls = summary.tls,
+            cipher = summary.cipher.unwrap_or_default(),
             bytes_sent = summary.moved.app_to_tunnel,
             bytes_received = summary.moved.tunnel_to_app,
             duration_ms,
@@ -279,6 +292,7 @@ fn log_close(started: Instant, summary: &Summary, result: &Result<(), Error>) {
             dst_identity,
             mode = summary.mode,
             tls = summary.tls,
+            cipher = summary.cipher.unwrap_or_default(),
             bytes_sent = summary.moved.app_to_tunnel,
             bytes_received = summary.moved.tunnel_to_app,
             duration_ms,
@@ -346,47 +360,178 @@ async fn outbound_inner(
     let expected = target.spiffe_id.clone();
     let tunnel_addr = SocketAddr::new(IpAddr::V4(*dst.ip()), shared.config.tunnel_port);
     let timeout = shared.config.handshake_timeout;
-    let (tls, tunnel_socket) = tokio::time::timeout(timeout, async {
+    let (tunnel, tunnel_socket) = tokio::time::timeout(timeout, async {
         let stream = connect_from(local, tunnel_addr).await?;
         let socket = SharedTcp::new(stream);
         let connector = TlsConnector::from(Arc::clone(&local.tls().client));
         let server_name = ServerName::IpAddress(IpAddr::V4(*dst.ip()).into());
-        let mut tls = connector
-            .connect(server_name, socket.clone())
-            .await
-            .map_err(|source| Error::Handshake {
-                addr: tunnel_addr,
-                source,
-            })?;
+        let io = RecordBoundedIo::new(socket.clone(), shared.ktls.any());
+        let mut tls =
+            connector
+                .connect(server_name, io)
+                .await
+                .map_err(|source| Error::Handshake {
+                    addr: tunnel_addr,
+                    source,
+                })?;
         let actual = crate::tls::peer_spiffe_id(tls.get_ref().1).map_err(Error::PeerIdentity)?;
         if actual != expected {
             return Err(Error::IdentityMismatch {
                 addr: IpAddr::V4(*dst.ip()),
-                expected: expected.clone(),
-                actual,
+                expected: Box::new(expected.clone()),
+                actual: Box::new(actual),
             });
         }
         summary.dst_identity = Some(actual);
         let mut preamble = [0u8; protocol::MAX_PREAMBLE_LEN];
         let len = protocol::encode_preamble(dst.into(), &mut preamble);
-        tls.write_all(&preamble[..len]).await.map_err(Error::Send)?;
-        tls.flush().await.map_err(Error::Send)?;
-        Ok((tls, socket))
+        let suite = tls.get_ref().1.negotiated_cipher_suite();
+        let tunnel = match offload(shared, &socket, suite.map(|s| s.suite())) {
+            Some(cipher) => {
+                let (io, conn) = tls.into_inner();
+                // The server sends nothing before it has read the preamble, so rustls
+                // holds no plaintext here and has read nothing past the handshake.
+                let mut stream = hand_over(&socket, io, conn, None)?;
+                stream
+                    .write_all(&preamble[..len])
+                    .await
+                    .map_err(Error::Send)?;
+                summary.tls = "ktls";
+                summary.cipher = Some(cipher.as_str());
+                Tunnel::Kernel(stream)
+            }
+            None => {
+                tls.get_mut().0.unbound();
+                tls.write_all(&preamble[..len]).await.map_err(Error::Send)?;
+                tls.flush().await.map_err(Error::Send)?;
+                Tunnel::User(tls)
+            }
+        };
+        Ok((tunnel, socket))
     })
     .await
     .map_err(|_| Error::HandshakeTimeout { timeout })??;
 
-    let (tunnel_reader, tunnel_writer) = tokio::io::split(tls);
-    let tunnel = End {
-        reader: tunnel_reader,
-        writer: tunnel_writer,
-        socket: tunnel_socket,
-        name: "tunnel",
-        tls: true,
-    };
-    let (moved, result) = relay(app_end(app), tunnel, &shared.pool, true).await;
+    let (moved, result) =
+        relay_tunnel(app_end(app), tunnel, tunnel_socket, &shared.pool, true).await;
     summary.moved = moved;
     result.map_err(Error::from)
+}
+
+/// A tunnel after its handshake: still in rustls, or handed to kernel TLS.
+enum Tunnel<S> {
+    User(S),
+    Kernel(KtlsStream),
+}
+
+/// Relays between `app` and `tunnel`, whichever TLS implementation carries it.
+async fn relay_tunnel<AR, AW, S>(
+    app: End<AR, AW>,
+    tunnel: Tunnel<S>,
+    socket: SharedTcp,
+    pool: &Arc<BufferPool>,
+    await_status: bool,
+) -> (Transferred, Result<(), relay::Error>)
+where
+    AR: AsyncRead + Unpin,
+    AW: AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    match tunnel {
+        Tunnel::User(tls) => {
+            let (reader, writer) = tokio::io::split(tls);
+            let end = End {
+                reader,
+                writer,
+                socket,
+                name: "tunnel",
+                tls: true,
+            };
+            relay(app, end, pool, await_status).await
+        }
+        Tunnel::Kernel(stream) => {
+            let end = End {
+                reader: stream.clone(),
+                writer: stream,
+                socket,
+                name: "tunnel",
+                tls: true,
+            };
+            relay(app, end, pool, await_status).await
+        }
+    }
+}
+
+/// Returns the cipher to hand the tunnel on `socket` to kernel TLS with, or `None` to
+/// keep it in rustls: the kernel cannot offload the suite under the rekey policy, or
+/// the socket refused the `tls` upper-layer protocol.
+fn offload(
+    shared: &Shared,
+    socket: &SharedTcp,
+    suite: Option<rustls::CipherSuite>,
+) -> Option<ktls::Cipher> {
+    let cipher = shared.ktls.offloads(suite?)?;
+    match ktls::set_ulp(socket.raw_fd()) {
+        Ok(()) => Some(cipher),
+        Err(error) => {
+            debug!(%error, "setting the tls upper-layer protocol failed; the tunnel stays in userspace");
+            None
+        }
+    }
+}
+
+/// Moves a finished rustls connection into the kernel: takes out the plaintext rustls
+/// already decrypted (at most `max_prefix` bytes are expected, `None` for none), checks
+/// that rustls stopped at a record boundary, and arms both directions.
+fn hand_over<C>(
+    socket: &SharedTcp,
+    io: RecordBoundedIo,
+    mut conn: C,
+    prefix: Option<&mut Vec<u8>>,
+) -> Result<KtlsStream, Error>
+where
+    C: std::ops::DerefMut<Target = rustls::ConnectionCommon<C::Data>> + ExtractSecrets,
+{
+    let mut chunk = [0u8; 4096];
+    let mut drained = Vec::new();
+    loop {
+        match std::io::Read::read(&mut conn.reader(), &mut chunk) {
+            Ok(0) => break,
+            Ok(n) => drained.extend_from_slice(&chunk[..n]),
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(error) => return Err(Error::Send(error)),
+        }
+    }
+    match prefix {
+        Some(prefix) => *prefix = drained,
+        None if drained.is_empty() => {}
+        None => return Err(Error::UnexpectedData { len: drained.len() }),
+    }
+    if !io.at_record_boundary() {
+        return Err(Error::Ktls(ktls::Error::NotAtRecordBoundary));
+    }
+    ktls::arm(socket.raw_fd(), conn.extract()).map_err(Error::Ktls)?;
+    Ok(KtlsStream::new(socket.clone()))
+}
+
+/// The secret extraction of both connection types under one name.
+trait ExtractSecrets: Sized {
+    type Data;
+    fn extract(self) -> Result<rustls::ExtractedSecrets, rustls::Error>;
+}
+
+impl ExtractSecrets for rustls::ClientConnection {
+    type Data = rustls::client::ClientConnectionData;
+    fn extract(self) -> Result<rustls::ExtractedSecrets, rustls::Error> {
+        self.dangerous_extract_secrets()
+    }
+}
+
+impl ExtractSecrets for rustls::ServerConnection {
+    type Data = rustls::server::ServerConnectionData;
+    fn extract(self) -> Result<rustls::ExtractedSecrets, rustls::Error> {
+        self.dangerous_extract_secrets()
+    }
 }
 
 fn app_end(app: &SharedTcp) -> End<SharedTcp, SharedTcp> {
@@ -457,9 +602,10 @@ async fn inbound_inner(
     let timeout = shared.config.handshake_timeout;
     let acceptor = TlsAcceptor::from(Arc::clone(&local.tls().server));
     let peer_addr = tunnel_socket.0.peer_addr().map_err(Error::Socket)?;
+    let io = RecordBoundedIo::new(tunnel_socket.clone(), shared.ktls.any());
     let (mut tls, dst) = tokio::time::timeout(timeout, async {
         let mut tls = acceptor
-            .accept(tunnel_socket.clone())
+            .accept(io)
             .await
             .map_err(|source| Error::Handshake {
                 addr: peer_addr,
@@ -494,12 +640,38 @@ async fn inbound_inner(
             return Err(Error::ConnectTimeout { addr: dst });
         }
     };
-    tls.write_all(&Status::Connected.encode())
-        .await
-        .map_err(Error::Send)?;
-    tls.flush().await.map_err(Error::Send)?;
-
     let upstream = SharedTcp::new(upstream);
+
+    let suite = tls.get_ref().1.negotiated_cipher_suite();
+    let mut prefix = Vec::new();
+    let tunnel = match offload(shared, tunnel_socket, suite.map(|s| s.suite())) {
+        Some(cipher) => {
+            let (io, conn) = tls.into_inner();
+            // App bytes the client sent right behind the preamble may already be
+            // decrypted in rustls; they go to the app before the relay starts.
+            let mut stream = hand_over(tunnel_socket, io, conn, Some(&mut prefix))?;
+            stream
+                .write_all(&Status::Connected.encode())
+                .await
+                .map_err(Error::Send)?;
+            summary.tls = "ktls";
+            summary.cipher = Some(cipher.as_str());
+            Tunnel::Kernel(stream)
+        }
+        None => {
+            tls.get_mut().0.unbound();
+            tls.write_all(&Status::Connected.encode())
+                .await
+                .map_err(Error::Send)?;
+            tls.flush().await.map_err(Error::Send)?;
+            Tunnel::User(tls)
+        }
+    };
+    if !prefix.is_empty() {
+        let mut writer = upstream.clone();
+        writer.write_all(&prefix).await.map_err(Error::Send)?;
+    }
+
     let app = End {
         reader: upstream.clone(),
         writer: upstream.clone(),
@@ -507,15 +679,9 @@ async fn inbound_inner(
         name: "app",
         tls: false,
     };
-    let (tunnel_reader, tunnel_writer) = tokio::io::split(tls);
-    let tunnel = End {
-        reader: tunnel_reader,
-        writer: tunnel_writer,
-        socket: tunnel_socket.clone(),
-        name: "tunnel",
-        tls: true,
-    };
-    let (moved, result) = relay(app, tunnel, &shared.pool, false).await;
+    let (mut moved, result) =
+        relay_tunnel(app, tunnel, tunnel_socket.clone(), &shared.pool, false).await;
+    moved.tunnel_to_app += prefix.len() as u64;
     summary.moved = moved;
     result.map_err(Error::from)
 }
