@@ -15,6 +15,8 @@ APT_PACKAGES=(
   "llvm-$LLVM_MAJOR-dev" zlib1g-dev libzstd-dev rustc-web cargo-web libstd-rust-web-dev-bpf
   # Topology, capture and traffic tools used by the demo and the tests.
   iproute2 tcpdump
+  # The REDIRECT rules of `interceptor sidecar`, the benchmark baseline (nf_tables backend).
+  iptables
 )
 
 log() { echo "setup: $*" >&2; }

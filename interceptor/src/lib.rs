@@ -9,6 +9,7 @@ pub mod ktls;
 pub mod netns;
 pub mod protocol;
 pub mod relay;
+pub mod sidecar;
 pub mod tls;
 pub mod tunnel;
 pub mod workloads;

@@ -2,20 +2,23 @@
 //! administrative commands.
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use tokio::runtime::Runtime;
 use tracing_subscriber::EnvFilter;
 
 use interceptor::config::RunConfig;
+use interceptor::sidecar::{self, SidecarConfig};
 use interceptor::{daemon, ebpf, identity, netns};
 
 #[derive(Parser, Debug)]
 #[command(
     version,
-    about = "Transparent mutual-TLS interceptor for a service mesh, without iptables or sidecars"
+    about = "Transparent mutual-TLS interceptor for a service mesh, without iptables or sidecars \
+             (a classic sidecar mode is kept as a benchmark baseline)"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -27,6 +30,10 @@ enum Command {
     /// Run the node daemon: attach the eBPF programs, enroll this node's workloads and
     /// carry their TCP connections over mutual TLS.
     Run(RunConfig),
+    /// Run the classic sidecar baseline for one pod, inside the pod's network
+    /// namespace: iptables REDIRECT rules send the pod's TCP connections to it, and it
+    /// carries them over the same mutual TLS tunnel as `run`.
+    Sidecar(SidecarConfig),
     /// Manage the certificate authority.
     Ca {
         #[command(subcommand)]
@@ -79,20 +86,15 @@ fn main() -> ExitCode {
 fn execute(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Run(config) => {
-            if let Err(problems) = config.validate() {
-                anyhow::bail!("invalid flags:\n  {}", problems.join("\n  "));
-            }
-            // Threads inherit the namespace of the thread that creates them, so the
-            // runtime's workers start in the node's namespace.
-            if let Some(netns) = &config.netns {
-                netns::enter(netns).context("entering the node's network namespace")?;
-            }
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(config.worker_threads)
-                .enable_all()
-                .build()
-                .context("starting the async runtime")?;
+            check_flags(config.validate())?;
+            let runtime = runtime(config.netns.as_deref(), config.worker_threads)?;
             runtime.block_on(daemon::run(config))?;
+            Ok(())
+        }
+        Command::Sidecar(config) => {
+            check_flags(config.validate())?;
+            let runtime = runtime(config.run.netns.as_deref(), config.run.worker_threads)?;
+            runtime.block_on(sidecar::run(config))?;
             Ok(())
         }
         Command::Ca {
@@ -115,4 +117,27 @@ fn execute(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn check_flags(validated: Result<(), Vec<String>>) -> anyhow::Result<()> {
+    if let Err(problems) = validated {
+        anyhow::bail!("invalid flags:\n  {}", problems.join("\n  "));
+    }
+    Ok(())
+}
+
+/// Enters `netns` when one is given, then builds the async runtime that `run` and
+/// `sidecar` share.
+fn runtime(netns: Option<&Path>, worker_threads: usize) -> anyhow::Result<Runtime> {
+    // Threads inherit the namespace of the thread that creates them, so the runtime's
+    // workers start in the namespace entered here.
+    if let Some(netns) = netns {
+        netns::enter(netns)
+            .with_context(|| format!("entering network namespace {}", netns.display()))?;
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(worker_threads)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
 }

@@ -17,6 +17,7 @@ mod mesh_config;
 pub mod pcap;
 mod privileges;
 mod process;
+pub mod sidecar;
 mod topology;
 
 pub use capture::Capture;

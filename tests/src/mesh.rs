@@ -65,20 +65,7 @@ impl Mesh {
         enrolled: &[&Pod],
         daemon_args: &[&str],
     ) -> io::Result<Mesh> {
-        std::fs::create_dir_all(work_dir)?;
-        write_mesh_config(island, &work_dir.join("mesh.toml"), TRUST_DOMAIN, enrolled)?;
-        let ca_dir = work_dir.join("ca");
-        if !ca_dir.join("ca-key.pem").exists() {
-            let status = Command::new(interceptor_bin())
-                .args(["ca", "init", "--trust-domain", TRUST_DOMAIN, "--dir"])
-                .arg(&ca_dir)
-                .status()?;
-            if !status.success() {
-                return Err(io::Error::other(format!(
-                    "interceptor ca init failed with {status}"
-                )));
-            }
-        }
+        prepare_work_dir(island, work_dir, enrolled)?;
         let mut mesh = Mesh {
             work_dir: work_dir.to_owned(),
             nodes: island.nodes().iter().map(|n| n.name.clone()).collect(),
@@ -94,6 +81,15 @@ impl Mesh {
             mesh.start_daemon(index + 1)?;
         }
         Ok(mesh)
+    }
+
+    /// Returns the process ids of the running daemons, for memory and CPU measurements.
+    pub fn pids(&self) -> Vec<u32> {
+        self.daemons
+            .iter()
+            .flatten()
+            .map(|daemon| daemon.child.id())
+            .collect()
     }
 
     /// Path of the log of node `node_index` (starting at 1).
@@ -200,8 +196,32 @@ impl Drop for Mesh {
     }
 }
 
+/// Writes the workload directory enrolling `enrolled` to `<work_dir>/mesh.toml` and
+/// creates a CA in `<work_dir>/ca` unless one is there.
+pub(crate) fn prepare_work_dir(
+    island: &Island,
+    work_dir: &Path,
+    enrolled: &[&Pod],
+) -> io::Result<()> {
+    std::fs::create_dir_all(work_dir)?;
+    write_mesh_config(island, &work_dir.join("mesh.toml"), TRUST_DOMAIN, enrolled)?;
+    let ca_dir = work_dir.join("ca");
+    if !ca_dir.join("ca-key.pem").exists() {
+        let status = Command::new(interceptor_bin())
+            .args(["ca", "init", "--trust-domain", TRUST_DOMAIN, "--dir"])
+            .arg(&ca_dir)
+            .status()?;
+        if !status.success() {
+            return Err(io::Error::other(format!(
+                "interceptor ca init failed with {status}"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Sends SIGTERM, waits up to 5 s, then kills.
-fn terminate(child: &mut Child) -> io::Result<()> {
+pub(crate) fn terminate(child: &mut Child) -> io::Result<()> {
     // SAFETY: kill(2) with a pid this process spawned and has not yet reaped.
     unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -215,7 +235,7 @@ fn terminate(child: &mut Child) -> io::Result<()> {
     child.wait().map(|_| ())
 }
 
-fn tail(text: &str, lines: usize) -> String {
+pub(crate) fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
 }
