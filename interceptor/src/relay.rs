@@ -347,6 +347,11 @@ where
         }
         writer.flush().await.map_err(write_error)?;
         drop(buffer);
+        // A reader also returns Pending when the task has used up its tokio budget
+        // (and it asks to be polled again), while `readable()` does not check the
+        // budget. Without giving the budget back here, a busy connection could spin in
+        // this loop forever without yielding.
+        tokio::task::consume_budget().await;
         socket.readable().await.map_err(|source| Error::Read {
             side: from.name,
             source,
@@ -366,4 +371,99 @@ fn read_now<'a, R: AsyncRead + Unpin>(
             Poll::Ready(result) => Poll::Ready(Some(result.map(|()| buf.filled().len()))),
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::net::{Ipv4Addr, TcpListener as StdListener, TcpStream as StdStream};
+
+    /// Starts a blocking echo server on loopback and returns its address.
+    fn echo_server() -> std::net::SocketAddr {
+        let listener = StdListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind echo server");
+        let addr = listener.local_addr().expect("echo server address");
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let mut stream = stream.expect("accept on echo server");
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 65536];
+                    loop {
+                        let n = stream.read(&mut buf).expect("echo read");
+                        if n == 0 {
+                            let _ = stream.shutdown(std::net::Shutdown::Write);
+                            return;
+                        }
+                        stream.write_all(&buf[..n]).expect("echo write");
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    fn end(stream: TcpStream, name: &'static str) -> End<SharedTcp, SharedTcp> {
+        let socket = SharedTcp::new(stream);
+        End {
+            reader: socket.clone(),
+            writer: socket.clone(),
+            socket,
+            name,
+            tls: false,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn relay_carries_large_echo() {
+        let upstream_addr = echo_server();
+        let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .await
+            .expect("bind relay");
+        let relay_addr = listener.local_addr().expect("relay address");
+        let pool = BufferPool::new(8);
+        let relay_task = tokio::spawn(async move {
+            let (app, _) = listener.accept().await.expect("accept app");
+            let upstream = TcpStream::connect(upstream_addr)
+                .await
+                .expect("connect upstream");
+            relay(end(app, "app"), end(upstream, "upstream"), &pool, false).await
+        });
+
+        let total = 64 << 20;
+        let client = tokio::task::spawn_blocking(move || {
+            let mut stream = StdStream::connect(relay_addr).expect("connect relay");
+            let mut reader = stream.try_clone().expect("clone client stream");
+            let sender = std::thread::spawn(move || {
+                let chunk = vec![7u8; 65536];
+                let mut sent = 0;
+                while sent < total {
+                    stream.write_all(&chunk).expect("client write");
+                    sent += chunk.len();
+                }
+                stream
+                    .shutdown(std::net::Shutdown::Write)
+                    .expect("client half-close");
+            });
+            let mut received = 0usize;
+            let mut buf = vec![0u8; 65536];
+            loop {
+                let n = reader.read(&mut buf).expect("client read");
+                if n == 0 {
+                    break;
+                }
+                received += n;
+            }
+            sender.join().expect("sender thread");
+            received
+        });
+        let received = tokio::time::timeout(std::time::Duration::from_secs(60), client)
+            .await
+            .expect("echo through the relay stalled")
+            .expect("client task");
+        assert_eq!(received, total);
+        let (moved, result) = relay_task.await.expect("relay task");
+        assert!(result.is_ok(), "{result:?}");
+        assert_eq!(moved.app_to_tunnel, total as u64);
+        assert_eq!(moved.tunnel_to_app, total as u64);
+    }
 }

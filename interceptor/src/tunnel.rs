@@ -463,14 +463,21 @@ where
 }
 
 /// Returns the cipher to hand the tunnel on `socket` to kernel TLS with, or `None` to
-/// keep it in rustls: the kernel cannot offload the suite under the rekey policy, or
-/// the socket refused the `tls` upper-layer protocol.
+/// keep it in rustls: the kernel cannot offload the suite under the rekey policy, a
+/// record limit is configured (the kernel would not rekey at it), or the socket refused
+/// the `tls` upper-layer protocol.
 fn offload(
     shared: &Shared,
     socket: &SharedTcp,
     suite: Option<rustls::CipherSuite>,
 ) -> Option<ktls::Cipher> {
     let cipher = shared.ktls.offloads(suite?)?;
+    if shared.config.tls_record_limit.is_some() {
+        debug!(
+            "a TLS record limit is set, which only rustls enforces; the tunnel stays in userspace"
+        );
+        return None;
+    }
     match ktls::set_ulp(socket.raw_fd()) {
         Ok(()) => Some(cipher),
         Err(error) => {
