@@ -17,8 +17,43 @@ use crate::{spawn_in, write_mesh_config, Island, Pod};
 /// Trust domain of test and demo meshes.
 pub const TRUST_DOMAIN: &str = "cluster.local";
 
-/// How long a daemon may take from start to its "daemon started" line.
+/// How long a daemon may take from start to its "daemon started" line, before
+/// [`scaled`] multiplies it.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a `mesh-peer` server may take to print its `listening` line, before
+/// [`scaled`] multiplies it.
+const LISTEN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Environment variable with a whole number from 1 up that multiplies the timeouts and
+/// time limits of the tests and of `mesh-peer`; 1 when unset. The kTLS guest stage of
+/// `cargo xtask test` sets it, because the emulated CPU of that QEMU guest runs code
+/// about 10 times slower than the host.
+pub const TIME_SCALE_VAR: &str = "INTERCEPTOR_TIME_SCALE";
+
+/// Reads the time scale from [`TIME_SCALE_VAR`]: 1 when unset, an error naming the
+/// variable and its value when that is not a whole number from 1 up.
+pub fn time_scale() -> Result<u32, String> {
+    let Some(value) = std::env::var_os(TIME_SCALE_VAR) else {
+        return Ok(1);
+    };
+    value
+        .to_str()
+        .and_then(|text| text.parse().ok())
+        .filter(|scale| *scale >= 1)
+        .ok_or_else(|| {
+            format!("invalid {TIME_SCALE_VAR} {value:?}: expected a whole number from 1 up")
+        })
+}
+
+/// Multiplies `duration` by the time scale of [`time_scale`].
+///
+/// # Panics
+///
+/// When [`TIME_SCALE_VAR`] is set to anything but a whole number from 1 up.
+pub fn scaled(duration: Duration) -> Duration {
+    duration * time_scale().unwrap_or_else(|message| panic!("{message}"))
+}
 
 /// Returns the directory of the workspace's debug binaries; `INTERCEPTOR_TARGET_DIR`
 /// overrides it (for example to run release builds).
@@ -132,7 +167,8 @@ impl Mesh {
             .stdout(log.try_clone()?)
             .stderr(log);
         let mut child = command.spawn()?;
-        let deadline = Instant::now() + START_TIMEOUT;
+        let start_timeout = scaled(START_TIMEOUT);
+        let deadline = Instant::now() + start_timeout;
         loop {
             let text = std::fs::read_to_string(&log_path)?;
             if text.matches("daemon started").count() > already {
@@ -149,7 +185,7 @@ impl Mesh {
                 let _ = child.kill();
                 let _ = child.wait();
                 return Err(io::Error::other(format!(
-                    "daemon of {} did not start within {START_TIMEOUT:?}; log:\n{}",
+                    "daemon of {} did not start within {start_timeout:?}; log:\n{}",
                     self.nodes[slot],
                     tail(&text, 40)
                 )));
@@ -167,6 +203,26 @@ impl Mesh {
             terminate(&mut daemon.child)?;
         }
         Ok(())
+    }
+
+    /// Kills the daemon of node `node_index` with SIGKILL, as a crash would: the kernel
+    /// closes its sockets without a TLS `close_notify`.
+    pub fn kill_daemon(&mut self, node_index: usize) -> io::Result<()> {
+        if let Some(mut daemon) = self.daemons[node_index - 1].take() {
+            daemon.child.kill()?;
+            daemon.child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Starts the daemon of node `node_index` with `extra_args` added to the mesh's
+    /// daemon arguments for this start only.
+    pub fn restart_daemon_with(&mut self, node_index: usize, extra_args: &[&str]) -> io::Result<()> {
+        let saved = self.daemon_args.clone();
+        self.daemon_args.extend(extra_args.iter().map(|a| a.to_string()));
+        let result = self.start_daemon(node_index);
+        self.daemon_args = saved;
+        result
     }
 
     /// Runs `interceptor uninstall` for node `node_index`.
@@ -289,7 +345,7 @@ impl PeerServer {
             }
         });
         let server = PeerServer { child, lines };
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + scaled(LISTEN_TIMEOUT);
         while !server.lines().iter().any(|l| l.starts_with("listening ")) {
             if Instant::now() > deadline {
                 return Err(io::Error::other(format!(

@@ -8,7 +8,7 @@
 //! mesh-peer echo LISTEN_ADDR
 //! mesh-peer banner LISTEN_ADDR TEXT
 //! mesh-peer reset LISTEN_ADDR
-//! mesh-peer client CONNECT_ADDR --bytes N [--expect-banner TEXT] [--no-half-close]
+//! mesh-peer client CONNECT_ADDR --bytes N [--expect-banner TEXT] [--no-half-close] [--repeat K]
 //! mesh-peer connect-only CONNECT_ADDR
 //! ```
 //!
@@ -23,10 +23,12 @@
 //!   `interceptor_tests::mesh_peer_payload`, shuts down its write side and reads the
 //!   echo until EOF. With `--no-half-close` it keeps its write side open and stops
 //!   reading after N bytes. Writing and reading run at the same time, so a large N
-//!   cannot deadlock on full socket buffers.
+//!   cannot deadlock on full socket buffers. `--repeat K` runs K such connections one
+//!   after another and reports the totals, stopping at the first failure.
 //! - `connect-only` connects and closes, to check whether a connection is possible.
 //!
-//! Every step of `client` and `connect-only` shares one 10 s deadline.
+//! Every step of `client` and `connect-only` shares one 10 s deadline, multiplied by
+//! `INTERCEPTOR_TIME_SCALE` when that is set (see `interceptor_tests::mesh::time_scale`).
 //!
 //! # Output
 //!
@@ -60,7 +62,7 @@
 //! | 10   | refused     | connection refused (RST in reply to the SYN)             |
 //! | 11   | unreachable | network or host unreachable                              |
 //! | 12   | reset       | connection reset, aborted, or broken pipe after connect  |
-//! | 13   | timeout     | the 10 s deadline passed                                 |
+//! | 13   | timeout     | the deadline passed                                      |
 //! | 14   | mismatch    | banner or echo bytes differ from what was expected       |
 //! | 15   | eof-early   | EOF before the whole banner or echo arrived              |
 //! | 16   | error       | any other socket error                                   |
@@ -72,9 +74,11 @@ use std::process::ExitCode;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use interceptor_tests::mesh::{scaled, time_scale};
 use interceptor_tests::mesh_peer_payload;
 
-/// Deadline for every step of `client` and `connect-only` together.
+/// Deadline for every step of `client` and `connect-only` together, before
+/// [`client_timeout`] scales it.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Size of each read and write.
@@ -87,7 +91,7 @@ const USAGE: &str = "\
 usage: mesh-peer echo LISTEN_ADDR
        mesh-peer banner LISTEN_ADDR TEXT
        mesh-peer reset LISTEN_ADDR
-       mesh-peer client CONNECT_ADDR --bytes N [--expect-banner TEXT] [--no-half-close]
+       mesh-peer client CONNECT_ADDR --bytes N [--expect-banner TEXT] [--no-half-close] [--repeat K]
        mesh-peer connect-only CONNECT_ADDR
 ADDR is IP:PORT, for example 10.9.2.11:8080";
 
@@ -157,7 +161,7 @@ impl Failure {
         let kind = FailureKind::from_io(err);
         // EAGAIN from a socket timeout would print as "Resource temporarily unavailable".
         let error = if kind == FailureKind::Timeout {
-            format!("no progress before the {CLIENT_TIMEOUT:?} deadline")
+            format!("no progress before the {:?} deadline", client_timeout())
         } else {
             err.to_string()
         };
@@ -185,9 +189,16 @@ struct ClientOptions {
     bytes: usize,
     expect_banner: Option<String>,
     half_close: bool,
+    /// Connections to make one after another, each with the whole exchange.
+    repeat: usize,
 }
 
 fn main() -> ExitCode {
+    // Checked once here, so that `client_timeout` cannot fail later.
+    if let Err(message) = time_scale() {
+        eprintln!("mesh-peer: {message}");
+        return ExitCode::from(EXIT_USAGE);
+    }
     let args: Vec<String> = std::env::args().skip(1).collect();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let result = match args.as_slice() {
@@ -227,6 +238,7 @@ fn parse_client(addr: &str, options: &[&str]) -> Result<ClientOptions, String> {
         bytes: 0,
         expect_banner: None,
         half_close: true,
+        repeat: 1,
     };
     let mut bytes = None;
     let mut rest = options.iter();
@@ -244,6 +256,12 @@ fn parse_client(addr: &str, options: &[&str]) -> Result<ClientOptions, String> {
                 parsed.expect_banner = Some((*value).to_owned());
             }
             "--no-half-close" => parsed.half_close = false,
+            "--repeat" => {
+                let value = rest.next().ok_or("--repeat needs a value")?;
+                parsed.repeat = value
+                    .parse()
+                    .map_err(|_| format!("invalid --repeat {value:?}: expected a count"))?;
+            }
             other => return Err(format!("unknown client option {other:?}")),
         }
     }
@@ -341,9 +359,17 @@ fn reset(mut stream: TcpStream, peer: SocketAddr) {
 
 fn run_client(options: ClientOptions) -> ExitCode {
     let payload = mesh_peer_payload(options.bytes);
-    let mut progress = Progress::default();
-    let result = exchange(&options, &payload, &mut progress);
-    let (sent, got) = (progress.sent, progress.received.len());
+    let (mut sent, mut got) = (0, 0);
+    let mut result = Ok(());
+    for _ in 0..options.repeat {
+        let mut progress = Progress::default();
+        result = exchange(&options, &payload, &mut progress);
+        sent += progress.sent;
+        got += progress.received.len();
+        if result.is_err() {
+            break;
+        }
+    }
     match result {
         Ok(()) => {
             emit(&format!("result=ok sent={sent} received={got}"));
@@ -367,7 +393,7 @@ fn exchange(
     payload: &[u8],
     progress: &mut Progress,
 ) -> Result<(), Failure> {
-    let deadline = Instant::now() + CLIENT_TIMEOUT;
+    let deadline = Instant::now() + client_timeout();
     let stream = TcpStream::connect_timeout(&options.addr, remaining(deadline))
         .map_err(|err| Failure::io("connect", &err))?;
 
@@ -524,7 +550,7 @@ fn compare_echo(payload: &[u8], received: &[u8]) -> Result<(), Failure> {
 }
 
 fn connect_only(addr: SocketAddr) -> ExitCode {
-    match TcpStream::connect_timeout(&addr, CLIENT_TIMEOUT) {
+    match TcpStream::connect_timeout(&addr, client_timeout()) {
         Ok(stream) => {
             let local = stream
                 .local_addr()
@@ -538,6 +564,12 @@ fn connect_only(addr: SocketAddr) -> ExitCode {
             ExitCode::from(kind.exit_code())
         }
     }
+}
+
+/// Returns [`CLIENT_TIMEOUT`] multiplied by the tests' time scale, which `main` has
+/// checked.
+fn client_timeout() -> Duration {
+    scaled(CLIENT_TIMEOUT)
 }
 
 /// Time left until `deadline`; zero once it has passed.
