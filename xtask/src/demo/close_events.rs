@@ -34,6 +34,8 @@ pub(super) struct CloseEvent {
     pub(super) dst_identity: String,
     pub(super) mode: String,
     pub(super) tls: String,
+    /// The cipher kernel TLS runs, empty when rustls carries the tunnel.
+    pub(super) cipher: String,
     /// From the daemon's app socket into the tunnel: the client's bytes on the outbound
     /// side, the server's on the inbound side.
     pub(super) bytes_sent: u64,
@@ -71,6 +73,7 @@ pub(super) fn parse_close_event(node: &str, line: &str) -> Option<CloseEvent> {
         dst_identity: text("dst_identity"),
         mode: text("mode"),
         tls: text("tls"),
+        cipher: text("cipher"),
         bytes_sent: number("bytes_sent"),
         bytes_received: number("bytes_received"),
         duration_ms: number("duration_ms"),
@@ -155,7 +158,7 @@ mod tests {
         workload=demo-n1-p2 src=127.0.0.1:45468}: connection closed dst=\"10.200.2.11:8080\" \
         src_identity=\"spiffe://cluster.local/ns/default/sa/p2\" \
         dst_identity=\"spiffe://cluster.local/ns/default/sa/p1\" mode=\"tunnel\" \
-        tls=\"userspace\" bytes_sent=300000 bytes_received=300001 duration_ms=5";
+        tls=\"userspace\" cipher=\"\" bytes_sent=300000 bytes_received=300001 duration_ms=5";
 
     #[test]
     fn close_event_fields_parsed() {
@@ -175,6 +178,7 @@ mod tests {
         );
         assert_eq!(event.mode, "tunnel");
         assert_eq!(event.tls, "userspace");
+        assert_eq!(event.cipher, "");
         assert_eq!(event.bytes_sent, 300000);
         assert_eq!(event.bytes_received, 300001);
         assert_eq!(event.duration_ms, 5);
@@ -192,6 +196,20 @@ mod tests {
             Some("connecting to 10.200.2.11:8080 failed: refused")
         );
         assert_eq!(event.duration_ms, 5);
+    }
+
+    #[test]
+    fn close_event_ktls_cipher_parsed() {
+        let line = CLOSED.replace(
+            "tls=\"userspace\" cipher=\"\"",
+            "tls=\"ktls\" cipher=\"CHACHA20-POLY1305\"",
+        );
+
+        let event = parse_close_event("demo-n1", &line).expect("a close event");
+
+        assert_eq!(event.tls, "ktls");
+        assert_eq!(event.cipher, "CHACHA20-POLY1305");
+        assert_eq!(event.bytes_sent, 300000);
     }
 
     #[test]

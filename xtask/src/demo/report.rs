@@ -181,11 +181,15 @@ impl Report {
                     let (up, down) = event.client_server_bytes();
                     let _ = writeln!(
                         out,
-                        "    {:<8} {:<9} c->s {up:>8} B  s->c {down:>8} B  {:>5} ms  tls={}{}",
+                        "    {:<8} {:<9} c->s {up:>8} B  s->c {down:>8} B  {:>5} ms  tls={}{}{}",
                         event.node,
                         direction.as_str(),
                         event.duration_ms,
                         event.tls,
+                        match event.cipher.as_str() {
+                            "" => String::new(),
+                            cipher => format!(" cipher={cipher}"),
+                        },
                         event
                             .error
                             .as_ref()
