@@ -365,7 +365,8 @@ async fn outbound_inner(
         let socket = SharedTcp::new(stream);
         let connector = TlsConnector::from(Arc::clone(&local.tls().client));
         let server_name = ServerName::IpAddress(IpAddr::V4(*dst.ip()).into());
-        let io = RecordBoundedIo::new(socket.clone(), shared.ktls.any());
+        let ulp = prepare_offload(shared, &socket);
+        let io = RecordBoundedIo::new(socket.clone(), ulp);
         let mut tls =
             connector
                 .connect(server_name, io)
@@ -386,7 +387,7 @@ async fn outbound_inner(
         let mut preamble = [0u8; protocol::MAX_PREAMBLE_LEN];
         let len = protocol::encode_preamble(dst.into(), &mut preamble);
         let suite = tls.get_ref().1.negotiated_cipher_suite();
-        let tunnel = match offload(shared, &socket, suite.map(|s| s.suite())) {
+        let tunnel = match offload(shared, ulp, suite.map(|s| s.suite())) {
             Some(cipher) => {
                 let (io, conn) = tls.into_inner();
                 // The server sends nothing before it has read the preamble, so rustls
@@ -462,29 +463,39 @@ where
     }
 }
 
-/// Returns the cipher to hand the tunnel on `socket` to kernel TLS with, or `None` to
-/// keep it in rustls: the kernel cannot offload the suite under the rekey policy, a
-/// record limit is configured (the kernel would not rekey at it), or the socket refused
-/// the `tls` upper-layer protocol.
-fn offload(
-    shared: &Shared,
-    socket: &SharedTcp,
-    suite: Option<rustls::CipherSuite>,
-) -> Option<ktls::Cipher> {
-    let cipher = shared.ktls.offloads(suite?)?;
-    if shared.config.tls_record_limit.is_some() {
-        debug!(
-            "a TLS record limit is set, which only rustls enforces; the tunnel stays in userspace"
-        );
-        return None;
+/// Sets the `tls` upper-layer protocol on a new tunnel socket when kernel TLS may carry
+/// tunnels here, and returns whether it did.
+///
+/// The kernel accepts the protocol only on an established socket, and a short
+/// connection's FIN can arrive before its handshake is over, so it is set before the
+/// handshake. Without keys the socket still behaves as plain TCP, so a tunnel whose
+/// suite cannot be offloaded goes on in rustls over the same socket.
+fn prepare_offload(shared: &Shared, socket: &SharedTcp) -> bool {
+    if !shared.ktls.any() || shared.config.tls_record_limit.is_some() {
+        return false;
     }
     match ktls::set_ulp(socket.raw_fd()) {
-        Ok(()) => Some(cipher),
+        Ok(()) => true,
         Err(error) => {
             debug!(%error, "setting the tls upper-layer protocol failed; the tunnel stays in userspace");
-            None
+            false
         }
     }
+}
+
+/// Returns the cipher to hand the tunnel to kernel TLS with, or `None` to keep it in
+/// rustls: its socket has no `tls` upper-layer protocol ([`prepare_offload`]), or the
+/// kernel cannot offload the suite under the rekey policy. A configured record limit
+/// also keeps tunnels in rustls, since only rustls rekeys at it.
+fn offload(shared: &Shared, ulp: bool, suite: Option<rustls::CipherSuite>) -> Option<ktls::Cipher> {
+    if !ulp {
+        return None;
+    }
+    let cipher = suite.and_then(|suite| shared.ktls.offloads(suite));
+    if cipher.is_none() {
+        debug!(?suite, "the kernel does not offload this suite under the rekey policy; the tunnel stays in userspace");
+    }
+    cipher
 }
 
 /// Moves a finished rustls connection into the kernel: takes out the plaintext rustls
@@ -609,7 +620,8 @@ async fn inbound_inner(
     let timeout = shared.config.handshake_timeout;
     let acceptor = TlsAcceptor::from(Arc::clone(&local.tls().server));
     let peer_addr = tunnel_socket.0.peer_addr().map_err(Error::Socket)?;
-    let io = RecordBoundedIo::new(tunnel_socket.clone(), shared.ktls.any());
+    let ulp = prepare_offload(shared, tunnel_socket);
+    let io = RecordBoundedIo::new(tunnel_socket.clone(), ulp);
     let (mut tls, dst) = tokio::time::timeout(timeout, async {
         let mut tls = acceptor
             .accept(io)
@@ -651,7 +663,7 @@ async fn inbound_inner(
 
     let suite = tls.get_ref().1.negotiated_cipher_suite();
     let mut prefix = Vec::new();
-    let tunnel = match offload(shared, tunnel_socket, suite.map(|s| s.suite())) {
+    let tunnel = match offload(shared, ulp, suite.map(|s| s.suite())) {
         Some(cipher) => {
             let (io, conn) = tls.into_inner();
             // App bytes the client sent right behind the preamble may already be

@@ -138,6 +138,20 @@ impl Mesh {
         std::fs::read_to_string(self.log_path(node_index)).unwrap_or_default()
     }
 
+    /// Returns the log of node `node_index` once `until` holds for it, or as it is after
+    /// 10 s (scaled). A daemon logs a connection's close event just after the app saw
+    /// the end of it, so checks of close events wait here.
+    pub fn log_when(&self, node_index: usize, until: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + scaled(Duration::from_secs(10));
+        loop {
+            let log = self.log(node_index);
+            if until(&log) || Instant::now() > deadline {
+                return log;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Starts the daemon of node `node_index` (starting at 1), appending to its log, and
     /// waits for its "daemon started" line.
     pub fn start_daemon(&mut self, node_index: usize) -> io::Result<()> {
@@ -217,9 +231,14 @@ impl Mesh {
 
     /// Starts the daemon of node `node_index` with `extra_args` added to the mesh's
     /// daemon arguments for this start only.
-    pub fn restart_daemon_with(&mut self, node_index: usize, extra_args: &[&str]) -> io::Result<()> {
+    pub fn restart_daemon_with(
+        &mut self,
+        node_index: usize,
+        extra_args: &[&str],
+    ) -> io::Result<()> {
         let saved = self.daemon_args.clone();
-        self.daemon_args.extend(extra_args.iter().map(|a| a.to_string()));
+        self.daemon_args
+            .extend(extra_args.iter().map(|a| a.to_string()));
         let result = self.start_daemon(node_index);
         self.daemon_args = saved;
         result

@@ -124,8 +124,6 @@ fn cross_node_bytes_arrive_over_mtls() {
         server.accepted()
     );
 
-    let client_log = setup.mesh.log(1);
-    let server_log = setup.mesh.log(2);
     let identities = format!(
         "src_identity=\"{}\" dst_identity=\"{}\"",
         spiffe_id(client_pod),
@@ -136,6 +134,8 @@ fn cross_node_bytes_arrive_over_mtls() {
             l.contains("connection closed") && l.contains(&identities) && !l.contains("error=")
         })
     };
+    let client_log = setup.mesh.log_when(1, |log| closed_cleanly(log));
+    let server_log = setup.mesh.log_when(2, |log| closed_cleanly(log));
     assert!(
         closed_cleanly(&client_log),
         "client-side log:\n{client_log}"
@@ -204,7 +204,7 @@ fn tcp_semantics_survive_the_tunnel() {
     let dst = format!("{}:15008", server_pod.ip);
     let (result, _) = client(&setup, client_pod, &["client", &dst, "--bytes", "10"]);
     assert!(!result.starts_with("result=ok"), "{result}");
-    let server_log = setup.mesh.log(2);
+    let server_log = setup.mesh.log_when(2, |log| log.contains("which this pod"));
     assert!(
         server_log.contains("which this pod"),
         "server-side log:\n{server_log}"
@@ -258,7 +258,9 @@ fn non_enrolled_pods_and_passthrough() {
         &["client", &dst, "--bytes", "2000"],
     );
     assert_eq!(result, "result=ok sent=2000 received=2000");
-    let log = setup.mesh.log(1);
+    let log = setup
+        .mesh
+        .log_when(1, |log| log.contains("mode=\"passthrough\""));
     assert!(
         log.lines()
             .any(|l| l.contains("mode=\"passthrough\"") || l.contains("mode=passthrough")),
@@ -393,7 +395,9 @@ fn bad_peers_are_rejected_and_others_served() {
         "silent peer held for {took:?}"
     );
 
-    let log = setup.mesh.log(2);
+    let log = setup.mesh.log_when(2, |log| {
+        log.contains("TLS handshake with") && log.contains("did not complete within")
+    });
     assert!(
         log.contains("TLS handshake with"),
         "server-side log:\n{log}"
@@ -432,8 +436,12 @@ fn expected_tls_field() -> &'static str {
 /// when the kernel has no TLS module loaded.
 fn tls_stat(island: &Island, pod: &Pod) -> std::collections::HashMap<String, u64> {
     let mut command = std::process::Command::new("cat");
-    command.arg("/proc/net/tls_stat").stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::null());
-    let child = interceptor_tests::spawn_in(&pod.netns_path, None, &mut command).expect("running cat in the pod");
+    command
+        .arg("/proc/net/tls_stat")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+    let child = interceptor_tests::spawn_in(&pod.netns_path, None, &mut command)
+        .expect("running cat in the pod");
     let output = child.wait_with_output().expect("reading tls_stat");
     String::from_utf8_lossy(&output.stdout)
         .lines()
@@ -445,31 +453,50 @@ fn tls_stat(island: &Island, pod: &Pod) -> std::collections::HashMap<String, u64
 }
 
 fn tunnel_closes(log: &str) -> Vec<&str> {
-    log.lines().filter(|l| l.contains("connection closed") && l.contains("mode=\"tunnel\"")).collect()
+    log.lines()
+        .filter(|l| l.contains("connection closed") && l.contains("mode=\"tunnel\""))
+        .collect()
 }
 
 #[test]
 fn transfers_of_every_size_arrive_intact() {
-    let Some(setup) = setup("transfers_of_every_size_arrive_intact", "sz", 216, all_pods, &[]) else {
+    let Some(setup) = setup(
+        "transfers_of_every_size_arrive_intact",
+        "sz",
+        216,
+        all_pods,
+        &[],
+    ) else {
         return;
     };
     let client_pod = setup.island.pod(1, 1);
     let server_pod = setup.island.pod(2, 1);
-    let _server = PeerServer::start(&setup.island, server_pod, &["echo", "0.0.0.0:8080"]).expect("starting the server");
+    let _server = PeerServer::start(&setup.island, server_pod, &["echo", "0.0.0.0:8080"])
+        .expect("starting the server");
     let dst = format!("{}:8080", server_pod.ip);
     let sizes: &[usize] = &[1, 100, 16_384, 16_385, 1 << 20, 64 << 20];
     for size in sizes {
         let bytes = size.to_string();
         let (result, _) = client(&setup, client_pod, &["client", &dst, "--bytes", &bytes]);
-        assert_eq!(result, format!("result=ok sent={size} received={size}"), "transfer of {size} bytes");
+        assert_eq!(
+            result,
+            format!("result=ok sent={size} received={size}"),
+            "transfer of {size} bytes"
+        );
     }
 
     for node in [1, 2] {
-        let log = setup.mesh.log(node);
+        let log = setup
+            .mesh
+            .log_when(node, |log| tunnel_closes(log).len() >= sizes.len());
         let closes = tunnel_closes(&log);
         assert_eq!(closes.len(), sizes.len(), "node {node} log:\n{log}");
         for line in closes {
-            assert!(line.contains(expected_tls_field()), "expected {}: {line}", expected_tls_field());
+            assert!(
+                line.contains(expected_tls_field()),
+                "expected {}: {line}",
+                expected_tls_field()
+            );
             assert!(!line.contains("error="), "{line}");
         }
     }
@@ -479,7 +506,11 @@ fn transfers_of_every_size_arrive_intact() {
             let stat = tls_stat(&setup.island, pod);
             for counter in ["TlsTxSw", "TlsRxSw"] {
                 let value = stat.get(counter).copied().unwrap_or(0);
-                assert!(value >= sizes.len() as u64, "{counter} in {}: {value}, all: {stat:?}", pod.name);
+                assert!(
+                    value >= sizes.len() as u64,
+                    "{counter} in {}: {value}, all: {stat:?}",
+                    pod.name
+                );
             }
         }
     }
@@ -487,21 +518,47 @@ fn transfers_of_every_size_arrive_intact() {
 
 #[test]
 fn first_bytes_after_handshake_are_not_lost() {
-    let Some(setup) = setup("first_bytes_after_handshake_are_not_lost", "fb", 217, all_pods, &[]) else {
+    let Some(setup) = setup(
+        "first_bytes_after_handshake_are_not_lost",
+        "fb",
+        217,
+        all_pods,
+        &[],
+    ) else {
         return;
     };
     let client_pod = setup.island.pod(1, 1);
     let server_pod = setup.island.pod(2, 1);
-    let _server = PeerServer::start(&setup.island, server_pod, &["echo", "0.0.0.0:8080"]).expect("starting the server");
+    let _server = PeerServer::start(&setup.island, server_pod, &["echo", "0.0.0.0:8080"])
+        .expect("starting the server");
     let dst = format!("{}:8080", server_pod.ip);
     // The emulated guest runs about ten times slower, so it runs a fifth of the
     // connections.
     let connections = if in_guest() { 200 } else { 1000 };
     let repeat = connections.to_string();
-    let (result, _) = client(&setup, client_pod, &["client", &dst, "--bytes", "300", "--repeat", &repeat]);
-    assert_eq!(result, format!("result=ok sent={} received={}", 300 * connections, 300 * connections));
-    let log = setup.mesh.log(2);
-    let clean = tunnel_closes(&log).iter().filter(|l| !l.contains("error=")).count();
+    let (result, _) = client(
+        &setup,
+        client_pod,
+        &["client", &dst, "--bytes", "300", "--repeat", &repeat],
+    );
+    assert_eq!(
+        result,
+        format!(
+            "result=ok sent={} received={}",
+            300 * connections,
+            300 * connections
+        )
+    );
+    let clean_closes = |log: &str| {
+        tunnel_closes(log)
+            .iter()
+            .filter(|l| !l.contains("error="))
+            .count()
+    };
+    let log = setup
+        .mesh
+        .log_when(2, |log| clean_closes(log) >= connections);
+    let clean = clean_closes(&log);
     assert_eq!(clean, connections, "server-side clean closes");
 }
 
@@ -512,7 +569,8 @@ fn truncated_tunnel_resets_the_app() {
     };
     let client_pod = setup.island.pod(1, 1).clone();
     let server_pod = setup.island.pod(2, 1).clone();
-    let server = PeerServer::start(&setup.island, &server_pod, &["echo", "0.0.0.0:8080"]).expect("starting the server");
+    let server = PeerServer::start(&setup.island, &server_pod, &["echo", "0.0.0.0:8080"])
+        .expect("starting the server");
     let dst = format!("{}:8080", server_pod.ip);
     // The client waits for a banner the echo server never sends; meanwhile the server
     // node's daemon dies, and its kernel closes the tunnel with a FIN and no TLS
@@ -527,13 +585,27 @@ fn truncated_tunnel_resets_the_app() {
     while server.accepted().is_empty() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert!(!server.accepted().is_empty(), "the connection never reached the server");
-    setup.mesh.kill_daemon(2).expect("killing the server node's daemon");
+    assert!(
+        !server.accepted().is_empty(),
+        "the connection never reached the server"
+    );
+    setup
+        .mesh
+        .kill_daemon(2)
+        .expect("killing the server node's daemon");
     let output = waiting.wait_with_output().expect("waiting for the client");
     let result = stdout(&output);
-    assert!(result.starts_with("result=reset"), "truncation must reach the app as a reset: {result}");
-    let log = setup.mesh.log(1);
-    assert!(log.contains("truncated") || log.contains("reset"), "client-side log:\n{log}");
+    assert!(
+        result.starts_with("result=reset"),
+        "truncation must reach the app as a reset: {result}"
+    );
+    let log = setup
+        .mesh
+        .log_when(1, |log| log.contains("truncated") || log.contains("reset"));
+    assert!(
+        log.contains("truncated") || log.contains("reset"),
+        "client-side log:\n{log}"
+    );
 }
 
 #[test]
@@ -542,7 +614,13 @@ fn record_limit_follows_the_rekey_policy() {
     // runs kernel TLS where the kernel has it. Node 2's client talks to node 1's
     // server, so node 1 sends KeyUpdates on a tunnel whose receive side node 2 may have
     // handed to the kernel.
-    let Some(mut setup) = setup("record_limit_follows_the_rekey_policy", "rk", 219, all_pods, &[]) else {
+    let Some(mut setup) = setup(
+        "record_limit_follows_the_rekey_policy",
+        "rk",
+        219,
+        all_pods,
+        &[],
+    ) else {
         return;
     };
     setup.mesh.stop_daemon(1).expect("stopping node 1");
@@ -552,14 +630,15 @@ fn record_limit_follows_the_rekey_policy() {
         .expect("restarting node 1 with a record limit");
     let client_pod = setup.island.pod(2, 1);
     let server_pod = setup.island.pod(1, 1);
-    let _server = PeerServer::start(&setup.island, server_pod, &["echo", "0.0.0.0:8080"]).expect("starting the server");
+    let _server = PeerServer::start(&setup.island, server_pod, &["echo", "0.0.0.0:8080"])
+        .expect("starting the server");
     let dst = format!("{}:8080", server_pod.ip);
     let (result, _) = client(&setup, client_pod, &["client", &dst, "--bytes", "4194304"]);
     if expect_ktls() {
         // The kernel cannot follow a KeyUpdate before Linux 6.14: the tunnel closes and
         // the app sees a reset, never corrupted bytes.
         assert!(result.starts_with("result=reset"), "{result}");
-        let log = setup.mesh.log(2);
+        let log = setup.mesh.log_when(2, |log| log.contains("KeyUpdate"));
         assert!(log.contains("KeyUpdate"), "client-side log:\n{log}");
     } else {
         // Userspace rustls on both ends rekeys as often as it must.
