@@ -3,12 +3,17 @@
 //! - `build-ebpf`: builds the eBPF object with Debian's rustc (the only compiler here
 //!   that ships `core` for `bpfel-unknown-none`).
 //! - `demo`: the main job on the embedded default topology (see `demo.rs`).
-//! - `test`: unit tests and the privileged end-to-end tests.
+//! - `test`: unit tests and the privileged end-to-end tests, on the host and then in
+//!   the kTLS guest (`--skip-guest` skips the guest outside CI).
+//! - `ktls-guest`: only the tests in the kTLS guest, a QEMU guest with Debian's stock
+//!   kernel (see `ktls_guest.rs`).
 //!
 //! Every task first runs `scripts/setup.sh`, which installs what is missing and returns
 //! at once when nothing is.
 
 mod demo;
+mod json;
+mod ktls_guest;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -31,9 +36,23 @@ enum Task {
     /// Run two nodes with two pods each, carry real traffic across them through the
     /// mesh, and check the wire.
     Demo(demo::Options),
-    /// Run the unit tests and the privileged end-to-end tests (as root).
+    /// Run the unit tests and the privileged end-to-end tests (as root), on the host
+    /// and then in the kTLS guest.
     Test {
-        /// Arguments passed to `cargo test` after `--`, e.g. a test name filter.
+        /// Skip the tests in the kTLS guest, for machines that cannot run QEMU. Rejected
+        /// when CI=true. Give it before any test arguments.
+        #[arg(long)]
+        skip_guest: bool,
+        /// Arguments passed to `cargo test` after `--`, e.g. a test name filter; the
+        /// test binaries in the kTLS guest get them too.
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Run only the tests that need kernel TLS, in one boot of a QEMU guest with
+    /// Debian's stock kernel (as root): the `interceptor` unit tests and the end-to-end
+    /// tests.
+    KtlsGuest {
+        /// Arguments passed to each test binary, e.g. a test name filter.
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
@@ -67,7 +86,7 @@ fn main() -> anyhow::Result<()> {
             stages.print();
             result
         }
-        Task::Test { args } => {
+        Task::Test { skip_guest, args } => {
             let mut stages = Stages::new();
             stages.run("setup", || setup(&root))?;
             stages.run("build eBPF", || build_ebpf(&root))?;
@@ -96,7 +115,32 @@ fn main() -> anyhow::Result<()> {
             let mut test_args: Vec<&str> =
                 vec!["test", "--workspace", "--exclude", "interceptor-ebpf", "--"];
             test_args.extend(args.iter().map(String::as_str));
-            let result = stages.run("tests", || cargo(&root, &test_args));
+            let result = stages
+                .run("tests", || cargo(&root, &test_args))
+                .and_then(|()| ktls_guest::run_stage(&mut stages, &root, &args, skip_guest));
+            stages.print();
+            result
+        }
+        Task::KtlsGuest { args } => {
+            let mut stages = Stages::new();
+            stages.run("setup", || setup(&root))?;
+            stages.run("build eBPF", || build_ebpf(&root))?;
+            // The end-to-end tests run the daemon and mesh-peer binaries.
+            stages.run("build", || {
+                cargo(
+                    &root,
+                    &[
+                        "build",
+                        "--workspace",
+                        "--exclude",
+                        "interceptor-ebpf",
+                        "--bins",
+                    ],
+                )
+            })?;
+            let result = stages.run(ktls_guest::STAGE, || {
+                ktls_guest::run_guest_tests(&root, &args)
+            });
             stages.print();
             result
         }
