@@ -81,23 +81,29 @@ struct TestExecutable {
     path: PathBuf,
 }
 
+/// Rejects `--skip-guest` (`skip`) when `CI=true`, so that the kTLS tests never go
+/// missing from CI unnoticed. `cargo xtask test` checks this before its first stage.
+pub fn check_skip_allowed(skip: bool) -> anyhow::Result<()> {
+    if skip && in_ci() {
+        bail!("--skip-guest is rejected when CI=true: CI must run the kTLS guest tests");
+    }
+    Ok(())
+}
+
 /// Runs the stage for `cargo xtask test`: the guest tests with `test_args`, or nothing
-/// when `skip` is set (`--skip-guest`), which CI (`CI=true`) rejects so that the kTLS
-/// tests never go missing there unnoticed.
+/// when `skip` is set (`--skip-guest`).
 pub fn run_stage(
     stages: &mut Stages,
     root: &Path,
     test_args: &[String],
     skip: bool,
 ) -> anyhow::Result<()> {
-    if !skip {
-        return stages.run(STAGE, || run_guest_tests(root, test_args));
+    check_skip_allowed(skip)?;
+    if skip {
+        eprintln!("xtask: stage {STAGE} skipped (--skip-guest)");
+        return Ok(());
     }
-    if in_ci() {
-        bail!("--skip-guest is rejected when CI=true: CI must run the kTLS guest tests");
-    }
-    eprintln!("xtask: stage {STAGE} skipped (--skip-guest)");
-    Ok(())
+    stages.run(STAGE, || run_guest_tests(root, test_args))
 }
 
 /// Prepares the guest with `scripts/setup.sh --ktls-guest`, then runs the guest tests
@@ -132,7 +138,7 @@ pub fn run_guest_tests(root: &Path, test_args: &[String]) -> anyhow::Result<()> 
             bail!("the kTLS guest timed out (KTLS_VM_TIMEOUT sets the limit in seconds)")
         }
         Some(EXIT_VM_FAILED) => bail!(cannot_start(
-            "the QEMU guest failed to run; the ktls-vm lines above say why"
+            "the QEMU guest failed to run (the ktls-vm lines above say why)"
         )),
         _ => bail!("tests failed in the kTLS guest ({status})"),
     }
@@ -151,7 +157,7 @@ fn prepare(root: &Path) -> anyhow::Result<()> {
 fn cannot_start(reason: &str) -> String {
     let mut message = format!("the kTLS guest cannot start: {reason}");
     if !in_ci() {
-        message.push_str("; `cargo xtask test --skip-guest` skips this stage outside CI");
+        message.push_str(". Outside CI, `cargo xtask test --skip-guest` skips this stage");
     }
     message
 }

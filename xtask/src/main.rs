@@ -87,6 +87,7 @@ fn main() -> anyhow::Result<()> {
             result
         }
         Task::Test { skip_guest, args } => {
+            ktls_guest::check_skip_allowed(skip_guest)?;
             let mut stages = Stages::new();
             stages.run("setup", || setup(&root))?;
             stages.run("build eBPF", || build_ebpf(&root))?;
