@@ -38,7 +38,7 @@
 use std::io;
 use std::mem::size_of;
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
@@ -132,6 +132,10 @@ pub struct Support {
     /// Why kernel TLS cannot be used at all, when `ciphers` is empty.
     pub unavailable: Option<String>,
     pub policy: RekeyPolicy,
+    /// Whether `splice` out of a kTLS receive socket returned the decrypted bytes.
+    pub splice_rx: bool,
+    /// Whether `splice` into a kTLS transmit socket sent the bytes.
+    pub splice_tx: bool,
 }
 
 impl Support {
@@ -141,6 +145,8 @@ impl Support {
             ciphers: Vec::new(),
             unavailable: Some(reason.into()),
             policy: RekeyPolicy::OffloadUnlimitedOnly,
+            splice_rx: false,
+            splice_tx: false,
         }
     }
 
@@ -166,14 +172,23 @@ impl Support {
                     .filter(|c| self.policy.allows(**c))
                     .map(|c| c.as_str())
                     .collect();
+                let works = |ok: bool| {
+                    if ok {
+                        "works"
+                    } else {
+                        "broken, copying instead"
+                    }
+                };
                 format!(
-                    "TX and RX for {}; offloaded without kernel rekeying: {}",
+                    "TX and RX for {}; offloaded without kernel rekeying: {}; splice out of kTLS {}, into kTLS {}",
                     ciphers.join(", "),
                     if offloaded.is_empty() {
                         "none".to_owned()
                     } else {
                         offloaded.join(", ")
-                    }
+                    },
+                    works(self.splice_rx),
+                    works(self.splice_tx),
                 )
             }
         }
@@ -202,17 +217,93 @@ pub fn probe() -> Support {
     if ciphers.is_empty() {
         return Support::none(reason.unwrap_or_else(|| "no cipher worked".to_owned()));
     }
+    let (splice_rx, splice_tx) = match ciphers.first() {
+        Some(&cipher) => (
+            probe_splice(cipher, Direction::Receive).is_ok(),
+            probe_splice(cipher, Direction::Transmit).is_ok(),
+        ),
+        None => (false, false),
+    };
     Support {
         ciphers,
         unavailable: None,
         policy: RekeyPolicy::OffloadUnlimitedOnly,
+        splice_rx,
+        splice_tx,
     }
 }
 
-fn probe_cipher(cipher: Cipher) -> io::Result<()> {
+#[derive(Clone, Copy)]
+enum Direction {
+    Receive,
+    Transmit,
+}
+
+/// Checks one direction of `splice` on a kTLS socket pair: the probe message must come
+/// out of the receiving side unchanged.
+fn probe_splice(cipher: Cipher, direction: Direction) -> io::Result<()> {
+    let (sender, receiver) = armed_pair(cipher)?;
+    let message = b"interceptor kTLS splice probe";
+    let mut pipe = [0; 2];
+    // SAFETY: `pipe` is valid for writes of two descriptors.
+    if unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: pipe2 returned two new descriptors that nothing else owns.
+    let (pipe_read, pipe_write) =
+        unsafe { (OwnedFd::from_raw_fd(pipe[0]), OwnedFd::from_raw_fd(pipe[1])) };
+    let mut buffer = [0u8; 64];
+    let read = match direction {
+        Direction::Transmit => {
+            // SAFETY: `message` is valid for reads of its length.
+            let written = unsafe {
+                libc::write(
+                    pipe_write.as_raw_fd(),
+                    message.as_ptr().cast(),
+                    message.len(),
+                )
+            };
+            if written != message.len() as isize {
+                return Err(io::Error::last_os_error());
+            }
+            splice_once(pipe_read.as_raw_fd(), sender.as_raw_fd(), message.len())?;
+            (&receiver).read_bytes(&mut buffer)?
+        }
+        Direction::Receive => {
+            (&sender).write_bytes(message)?;
+            let n = splice_once(receiver.as_raw_fd(), pipe_write.as_raw_fd(), buffer.len())?;
+            // SAFETY: `buffer` is valid for writes of `n` bytes, at most its length.
+            let read = unsafe { libc::read(pipe_read.as_raw_fd(), buffer.as_mut_ptr().cast(), n) };
+            if read < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            read as usize
+        }
+    };
+    if &buffer[..read] != message {
+        return Err(io::Error::other(
+            "splice moved different bytes than were sent",
+        ));
+    }
+    Ok(())
+}
+
+fn splice_once(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
+    // SAFETY: plain system call on descriptors the caller keeps open.
+    let n = unsafe { libc::splice(from, std::ptr::null_mut(), to, std::ptr::null_mut(), len, 0) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
+/// Returns a connected loopback pair whose first socket transmits and second receives
+/// with kernel TLS under a test key.
+fn armed_pair(cipher: Cipher) -> io::Result<(TcpStream, TcpStream)> {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
     let sender = TcpStream::connect(listener.local_addr()?)?;
     let (receiver, _) = listener.accept()?;
+    receiver.set_read_timeout(Some(std::time::Duration::from_secs(2)))?;
     set_ulp(sender.as_raw_fd())?;
     set_ulp(receiver.as_raw_fd())?;
     let key = Key {
@@ -222,7 +313,11 @@ fn probe_cipher(cipher: Cipher) -> io::Result<()> {
     };
     install(sender.as_raw_fd(), libc::TLS_TX, 0, &key)?;
     install(receiver.as_raw_fd(), libc::TLS_RX, 0, &key)?;
+    Ok((sender, receiver))
+}
 
+fn probe_cipher(cipher: Cipher) -> io::Result<()> {
+    let (sender, receiver) = armed_pair(cipher)?;
     let message = b"interceptor kTLS probe";
     let written = (&sender).write_bytes(message)?;
     let mut buffer = [0u8; 64];
@@ -621,6 +716,42 @@ fn send_record(fd: RawFd, content_type: u8, payload: &[u8]) -> io::Result<usize>
     Ok(n as usize)
 }
 
+/// One record read with `recvmsg` where `splice` refused to move it.
+pub enum Record {
+    /// The peer's `close_notify`: the stream ended cleanly.
+    CloseNotify,
+    /// Plaintext of a data record.
+    Data(Vec<u8>),
+    /// Nothing to read yet.
+    Again,
+}
+
+/// Reads the record at the head of a kTLS socket's receive queue. Errors for anything
+/// but data or `close_notify`, and for a TCP end without `close_notify`.
+pub fn read_record(socket: &SharedTcp) -> io::Result<Record> {
+    // A TLS record carries at most 16 KiB of plaintext.
+    let mut buffer = vec![0u8; 16 * 1024 + 256];
+    let fd = socket.raw_fd();
+    match socket
+        .0
+        .try_io(Interest::READABLE, || recv_record(fd, &mut buffer))
+    {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Record::Again),
+        Err(e) => Err(e),
+        Ok(Received::Data(n)) => {
+            buffer.truncate(n);
+            Ok(Record::Data(buffer))
+        }
+        Ok(Received::Eof) => Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "the peer closed the TCP stream without a TLS close_notify",
+        )),
+        Ok(Received::Control { content_type, len }) => {
+            control_record(content_type, &buffer[..len]).map(|()| Record::CloseNotify)
+        }
+    }
+}
+
 impl AsyncRead for KtlsStream {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -743,6 +874,8 @@ mod tests {
             ciphers: Cipher::ALL.to_vec(),
             unavailable: None,
             policy: RekeyPolicy::OffloadUnlimitedOnly,
+            splice_rx: true,
+            splice_tx: true,
         };
         assert_eq!(
             support.offloads(CipherSuite::TLS13_CHACHA20_POLY1305_SHA256),

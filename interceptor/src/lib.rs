@@ -10,6 +10,7 @@ pub mod netns;
 pub mod protocol;
 pub mod relay;
 pub mod sidecar;
+pub mod splice;
 pub mod tls;
 pub mod tunnel;
 pub mod workloads;

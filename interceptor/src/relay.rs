@@ -221,6 +221,17 @@ pub struct End<R, W> {
     pub tls: bool,
 }
 
+/// Directions of a relay that move bytes with `splice` instead of copying them. Only
+/// for a tunnel end that kernel TLS carries (its `tls` flag then means kTLS) or plain
+/// TCP.
+pub struct Splice<'a> {
+    pub pipes: &'a crate::splice::PipePool,
+    /// From the tunnel to the app: the decrypt direction.
+    pub to_app: bool,
+    /// From the app to the tunnel: the encrypt direction.
+    pub to_tunnel: bool,
+}
+
 /// Relays between `app` and `tunnel` until both directions have ended cleanly or one
 /// has failed. On failure both sockets are reset before they are closed.
 ///
@@ -232,6 +243,7 @@ pub async fn relay<AR, AW, TR, TW>(
     tunnel: End<TR, TW>,
     pool: &Arc<BufferPool>,
     await_status: bool,
+    splice: Option<Splice<'_>>,
 ) -> (Transferred, Result<(), Error>)
 where
     AR: AsyncRead + Unpin,
@@ -255,18 +267,44 @@ where
     } = tunnel;
     let mut moved = Transferred::default();
 
-    let upstream = pump(
-        &mut app_reader,
-        &app_socket,
-        Side {
-            name: app_name,
-            tls: app_tls,
-        },
-        &mut tunnel_writer,
-        tunnel_name,
-        pool,
-        &mut moved.app_to_tunnel,
-    );
+    let splice_to_tunnel = splice.as_ref().filter(|s| s.to_tunnel).map(|s| s.pipes);
+    let splice_to_app = splice.as_ref().filter(|s| s.to_app).map(|s| s.pipes);
+    let upstream = async {
+        match splice_to_tunnel {
+            Some(pipes) => {
+                let from = crate::splice::Source {
+                    socket: &app_socket,
+                    name: app_name,
+                    ktls: app_tls,
+                };
+                crate::splice::pump(
+                    from,
+                    &tunnel_socket,
+                    tunnel_name,
+                    tunnel_tls,
+                    pipes,
+                    &mut moved.app_to_tunnel,
+                )
+                .await
+            }
+            None => {
+                let from = Side {
+                    name: app_name,
+                    tls: app_tls,
+                };
+                pump(
+                    &mut app_reader,
+                    &app_socket,
+                    from,
+                    &mut tunnel_writer,
+                    tunnel_name,
+                    pool,
+                    &mut moved.app_to_tunnel,
+                )
+                .await
+            }
+        }
+    };
     let downstream = async {
         if await_status {
             let status = crate::protocol::read_status(&mut tunnel_reader)
@@ -276,19 +314,40 @@ where
                 return Err(Error::Rejected { status });
             }
         }
-        pump(
-            &mut tunnel_reader,
-            &tunnel_socket,
-            Side {
-                name: tunnel_name,
-                tls: tunnel_tls,
-            },
-            &mut app_writer,
-            app_name,
-            pool,
-            &mut moved.tunnel_to_app,
-        )
-        .await
+        match splice_to_app {
+            Some(pipes) => {
+                let from = crate::splice::Source {
+                    socket: &tunnel_socket,
+                    name: tunnel_name,
+                    ktls: tunnel_tls,
+                };
+                crate::splice::pump(
+                    from,
+                    &app_socket,
+                    app_name,
+                    app_tls,
+                    pipes,
+                    &mut moved.tunnel_to_app,
+                )
+                .await
+            }
+            None => {
+                let from = Side {
+                    name: tunnel_name,
+                    tls: tunnel_tls,
+                };
+                pump(
+                    &mut tunnel_reader,
+                    &tunnel_socket,
+                    from,
+                    &mut app_writer,
+                    app_name,
+                    pool,
+                    &mut moved.tunnel_to_app,
+                )
+                .await
+            }
+        }
     };
     let result = tokio::try_join!(upstream, downstream).map(|_| ());
     if result.is_err() {
@@ -415,6 +474,16 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn relay_carries_large_echo() {
+        large_echo(false).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn relay_splices_large_echo() {
+        large_echo(true).await;
+    }
+
+    /// Echoes 64 MiB through a relay between plain TCP sockets, copying or splicing.
+    async fn large_echo(splice: bool) {
         let upstream_addr = echo_server();
         let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
             .await
@@ -426,7 +495,14 @@ mod tests {
             let upstream = TcpStream::connect(upstream_addr)
                 .await
                 .expect("connect upstream");
-            relay(end(app, "app"), end(upstream, "upstream"), &pool, false).await
+            relay(
+                end(app, "app"),
+                end(upstream, "upstream"),
+                &pool,
+                false,
+                None,
+            )
+            .await
         });
 
         let total = 64 << 20;

@@ -35,7 +35,11 @@ use crate::identity::SpiffeId;
 use crate::ktls::{self, KtlsStream, RecordBoundedIo};
 use crate::netns::Netns;
 use crate::protocol::{self, Status};
-use crate::relay::{self, relay, BufferPool, End, SharedTcp, Transferred};
+use crate::relay::{self, relay, BufferPool, End, SharedTcp, Splice, Transferred};
+use crate::splice::PipePool;
+
+/// Pipes kept for reuse when traffic on kernel TLS tunnels drops.
+const POOLED_PIPES: usize = 64;
 use crate::workloads::{Registry, Workload};
 
 /// Errors that end a tunnelled connection before or while bytes flow.
@@ -180,6 +184,8 @@ pub struct Shared {
     pub registry: Arc<Registry>,
     pub orig_dst: OrigDstSource,
     pub pool: Arc<BufferPool>,
+    /// Pipes for splicing on kernel TLS tunnels.
+    pub pipes: Arc<PipePool>,
     /// What kernel TLS can carry here; tunnels are offloaded per connection when their
     /// negotiated suite allows it.
     pub ktls: ktls::Support,
@@ -199,6 +205,7 @@ impl Shared {
             registry,
             orig_dst,
             pool,
+            pipes: PipePool::new(POOLED_PIPES),
             ktls,
             next_id: AtomicU64::new(1),
         }
@@ -262,6 +269,8 @@ struct Summary {
     tls: &'static str,
     /// The cipher kernel TLS runs, when it carries the tunnel.
     cipher: Option<&'static str>,
+    /// How the daemon moves the bytes: "copy" through its memory, or "splice".
+    relay: &'static str,
     moved: Transferred,
 }
 
@@ -281,6 +290,7 @@ fn log_close(started: Instant, summary: &Summary, result: &Result<(), Error>) {
             mode = summary.mode,
             tls = summary.tls,
             cipher = summary.cipher.unwrap_or_default(),
+            relay = summary.relay,
             bytes_sent = summary.moved.app_to_tunnel,
             bytes_received = summary.moved.tunnel_to_app,
             duration_ms,
@@ -293,6 +303,7 @@ fn log_close(started: Instant, summary: &Summary, result: &Result<(), Error>) {
             mode = summary.mode,
             tls = summary.tls,
             cipher = summary.cipher.unwrap_or_default(),
+            relay = summary.relay,
             bytes_sent = summary.moved.app_to_tunnel,
             bytes_received = summary.moved.tunnel_to_app,
             duration_ms,
@@ -355,6 +366,7 @@ async fn outbound_inner(
     let Some(target) = directory.by_ip(*dst.ip()) else {
         summary.mode = "passthrough";
         summary.tls = "none";
+        summary.relay = "copy";
         return passthrough(app, dst.into(), local, shared, summary).await;
     };
     let expected = target.spiffe_id.clone();
@@ -414,7 +426,7 @@ async fn outbound_inner(
     .map_err(|_| Error::HandshakeTimeout { timeout })??;
 
     let (moved, result) =
-        relay_tunnel(app_end(app), tunnel, tunnel_socket, &shared.pool, true).await;
+        relay_tunnel(app_end(app), tunnel, tunnel_socket, shared, true, summary).await;
     summary.moved = moved;
     result.map_err(Error::from)
 }
@@ -425,13 +437,16 @@ enum Tunnel<S> {
     Kernel(KtlsStream),
 }
 
-/// Relays between `app` and `tunnel`, whichever TLS implementation carries it.
+/// Relays between `app` and `tunnel`, whichever TLS implementation carries it, and
+/// notes in `summary` how the bytes move. A kernel tunnel splices in each direction the
+/// start-up probe found to work.
 async fn relay_tunnel<AR, AW, S>(
     app: End<AR, AW>,
     tunnel: Tunnel<S>,
     socket: SharedTcp,
-    pool: &Arc<BufferPool>,
+    shared: &Shared,
     await_status: bool,
+    summary: &mut Summary,
 ) -> (Transferred, Result<(), relay::Error>)
 where
     AR: AsyncRead + Unpin,
@@ -448,7 +463,8 @@ where
                 name: "tunnel",
                 tls: true,
             };
-            relay(app, end, pool, await_status).await
+            summary.relay = "copy";
+            relay(app, end, &shared.pool, await_status, None).await
         }
         Tunnel::Kernel(stream) => {
             let end = End {
@@ -458,7 +474,18 @@ where
                 name: "tunnel",
                 tls: true,
             };
-            relay(app, end, pool, await_status).await
+            let splice = Splice {
+                pipes: &shared.pipes,
+                to_app: shared.ktls.splice_rx,
+                to_tunnel: shared.ktls.splice_tx,
+            };
+            summary.relay = match (splice.to_app, splice.to_tunnel) {
+                (true, true) => "splice",
+                (true, false) => "splice from tunnel, copy to tunnel",
+                (false, true) => "copy from tunnel, splice to tunnel",
+                (false, false) => "copy",
+            };
+            relay(app, end, &shared.pool, await_status, Some(splice)).await
         }
     }
 }
@@ -593,7 +620,7 @@ async fn passthrough(
         name: "upstream",
         tls: false,
     };
-    let (moved, result) = relay(app_end(app), end, &shared.pool, false).await;
+    let (moved, result) = relay(app_end(app), end, &shared.pool, false, None).await;
     summary.moved = moved;
     result.map_err(Error::from)
 }
@@ -699,7 +726,7 @@ async fn inbound_inner(
         tls: false,
     };
     let (mut moved, result) =
-        relay_tunnel(app, tunnel, tunnel_socket.clone(), &shared.pool, false).await;
+        relay_tunnel(app, tunnel, tunnel_socket.clone(), shared, false, summary).await;
     moved.tunnel_to_app += prefix.len() as u64;
     summary.moved = moved;
     result.map_err(Error::from)
