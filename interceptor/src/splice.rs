@@ -172,9 +172,15 @@ async fn splice_round(
     to_name: &'static str,
     moved: &mut u64,
 ) -> Result<Round, Error> {
-    let read_error = |source| Error::Read {
-        side: from.name,
-        source,
+    let read_error = |source: io::Error| {
+        if from.ktls && source.kind() == io::ErrorKind::UnexpectedEof {
+            Error::Truncated
+        } else {
+            Error::Read {
+                side: from.name,
+                source,
+            }
+        }
     };
     let write_error = |source| Error::Write {
         side: to_name,

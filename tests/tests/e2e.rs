@@ -599,11 +599,11 @@ fn truncated_tunnel_resets_the_app() {
         result.starts_with("result=reset"),
         "truncation must reach the app as a reset: {result}"
     );
-    let log = setup
-        .mesh
-        .log_when(1, |log| log.contains("truncated") || log.contains("reset"));
+    let log = setup.mesh.log_when(1, |log| {
+        log.contains("truncated") || log.contains("close_notify")
+    });
     assert!(
-        log.contains("truncated") || log.contains("reset"),
+        log.contains("truncated") || log.contains("close_notify"),
         "client-side log:\n{log}"
     );
 }
