@@ -63,6 +63,15 @@ pub struct RunConfig {
     #[arg(long, env = "INTERCEPTOR_WORKER_THREADS", default_value_t = 2)]
     pub worker_threads: usize,
 
+    /// Address of the admin endpoint (`/metrics`, `/healthz`) in the daemon's network
+    /// namespace; must be a loopback address.
+    #[arg(
+        long,
+        env = "INTERCEPTOR_ADMIN_ADDR",
+        default_value = "127.0.0.1:15020"
+    )]
+    pub admin_addr: std::net::SocketAddr,
+
     /// Kernel TLS: `auto` hands tunnels to the kernel where it can carry them, `off`
     /// keeps every tunnel in userspace rustls.
     #[arg(long, env = "INTERCEPTOR_KERNEL_TLS", value_enum, default_value_t = KernelTls::Auto)]
@@ -111,6 +120,9 @@ impl RunConfig {
                 "--svid-lifetime {:?}: must be at least 2s",
                 self.svid_lifetime
             ));
+        }
+        if let Err(problem) = crate::admin::check_addr(self.admin_addr) {
+            problems.push(problem);
         }
         if self.tls_record_limit == Some(0) {
             problems.push("--tls-record-limit 0: must be at least 1".to_owned());

@@ -19,6 +19,7 @@ use interceptor_common::EnrolledCgroup;
 use tokio::net::TcpListener;
 use tracing::{info, warn, Instrument};
 
+use crate::admin;
 use crate::config::{KernelTls, RunConfig};
 use crate::ebpf::{self, NodePrograms};
 use crate::identity::CertificateAuthority;
@@ -84,6 +85,12 @@ pub enum Error {
     #[error("workload {workload}: listening on {addr} failed")]
     Listen {
         workload: String,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("listening for the admin endpoint on {addr} failed")]
+    Admin {
         addr: SocketAddr,
         #[source]
         source: std::io::Error,
@@ -176,6 +183,17 @@ pub async fn run(config: RunConfig) -> Result<(), Error> {
         OrigDstSource::Ebpf(programs),
         BufferPool::new(POOLED_BUFFERS),
         ktls,
+    ));
+    let admin = TcpListener::bind(config.admin_addr)
+        .await
+        .map_err(|source| Error::Admin {
+            addr: config.admin_addr,
+            source,
+        })?;
+    tokio::spawn(admin::serve(
+        admin,
+        Arc::clone(&shared.metrics),
+        shared.ktls.clone(),
     ));
     for (local, outbound, tunnel) in listeners {
         info!(

@@ -83,7 +83,8 @@ pub enum Cipher {
 }
 
 impl Cipher {
-    const ALL: [Cipher; 3] = [
+    /// Every cipher the probe tries.
+    pub const ALL: [Cipher; 3] = [
         Cipher::Aes128Gcm,
         Cipher::Aes256Gcm,
         Cipher::Chacha20Poly1305,
@@ -153,6 +154,11 @@ impl Support {
     /// Returns whether tunnels of `suite` are handed to the kernel.
     pub fn offloads(&self, suite: CipherSuite) -> Option<Cipher> {
         Cipher::of_suite(suite).filter(|c| self.ciphers.contains(c) && self.policy.allows(*c))
+    }
+
+    /// Returns whether tunnels that negotiated `cipher` are handed to the kernel.
+    pub fn offloads_cipher(&self, cipher: Cipher) -> bool {
+        self.ciphers.contains(&cipher) && self.policy.allows(cipher)
     }
 
     /// Returns whether any tunnel can be offloaded.

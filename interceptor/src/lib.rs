@@ -1,6 +1,7 @@
 //! The interceptor node daemon as a library: one module per concern. The `interceptor`
 //! binary wires them to its command line; the end-to-end tests use some directly.
 
+pub mod admin;
 pub mod config;
 pub mod daemon;
 pub mod ebpf;

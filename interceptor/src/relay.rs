@@ -490,17 +490,23 @@ mod tests {
             .expect("bind relay");
         let relay_addr = listener.local_addr().expect("relay address");
         let pool = BufferPool::new(8);
+        let pipes = crate::splice::PipePool::new(8);
         let relay_task = tokio::spawn(async move {
             let (app, _) = listener.accept().await.expect("accept app");
             let upstream = TcpStream::connect(upstream_addr)
                 .await
                 .expect("connect upstream");
+            let splice = splice.then_some(Splice {
+                pipes: &pipes,
+                to_app: true,
+                to_tunnel: true,
+            });
             relay(
                 end(app, "app"),
                 end(upstream, "upstream"),
                 &pool,
                 false,
-                None,
+                splice,
             )
             .await
         });

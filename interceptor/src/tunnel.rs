@@ -29,6 +29,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tracing::{debug, info, info_span, warn, Instrument};
 
+use crate::admin::{ConnectionLabels, Metrics};
 use crate::config::RunConfig;
 use crate::ebpf::NodePrograms;
 use crate::identity::SpiffeId;
@@ -186,6 +187,8 @@ pub struct Shared {
     pub pool: Arc<BufferPool>,
     /// Pipes for splicing on kernel TLS tunnels.
     pub pipes: Arc<PipePool>,
+    /// Counters of closed connections, served by the admin endpoint.
+    pub metrics: Arc<Metrics>,
     /// What kernel TLS can carry here; tunnels are offloaded per connection when their
     /// negotiated suite allows it.
     pub ktls: ktls::Support,
@@ -206,6 +209,7 @@ impl Shared {
             orig_dst,
             pool,
             pipes: PipePool::new(POOLED_PIPES),
+            metrics: Arc::new(Metrics::default()),
             ktls,
             next_id: AtomicU64::new(1),
         }
@@ -257,6 +261,8 @@ pub async fn serve_tunnel(listener: TcpListener, local: Arc<LocalWorkload>, shar
 /// What the close event reports about a connection.
 #[derive(Default)]
 struct Summary {
+    /// "outbound" for this node's apps connecting out, "inbound" for tunnels arriving.
+    direction: &'static str,
     dst: Option<SocketAddr>,
     /// The connecting workload's identity: this node's workload on the outbound side,
     /// the authenticated peer on the inbound side.
@@ -274,7 +280,20 @@ struct Summary {
     moved: Transferred,
 }
 
-fn log_close(started: Instant, summary: &Summary, result: &Result<(), Error>) {
+fn log_close(shared: &Shared, started: Instant, summary: &Summary, result: &Result<(), Error>) {
+    let labels = ConnectionLabels {
+        direction: summary.direction,
+        mode: summary.mode,
+        tls: summary.tls,
+        cipher: summary.cipher.unwrap_or_default(),
+        relay: summary.relay,
+        result: if result.is_ok() { "ok" } else { "error" },
+    };
+    shared.metrics.record_close(
+        labels,
+        summary.moved.app_to_tunnel,
+        summary.moved.tunnel_to_app,
+    );
     let dst = summary.dst.map(|d| d.to_string()).unwrap_or_default();
     let identity = |id: &Option<SpiffeId>| id.as_ref().map(|id| id.to_string()).unwrap_or_default();
     let (src_identity, dst_identity) = (
@@ -336,6 +355,7 @@ async fn outbound(
 ) {
     let started = Instant::now();
     let mut summary = Summary {
+        direction: "outbound",
         mode: "tunnel",
         tls: "userspace",
         src_identity: Some(local.workload.spiffe_id.clone()),
@@ -346,7 +366,7 @@ async fn outbound(
     if result.is_err() {
         relay::set_reset_on_close(app.raw_fd());
     }
-    log_close(started, &summary, &result);
+    log_close(&shared, started, &summary, &result);
 }
 
 async fn outbound_inner(
@@ -628,6 +648,7 @@ async fn passthrough(
 async fn inbound(stream: TcpStream, local: Arc<LocalWorkload>, shared: Arc<Shared>) {
     let started = Instant::now();
     let mut summary = Summary {
+        direction: "inbound",
         mode: "tunnel",
         tls: "userspace",
         dst_identity: Some(local.workload.spiffe_id.clone()),
@@ -635,7 +656,7 @@ async fn inbound(stream: TcpStream, local: Arc<LocalWorkload>, shared: Arc<Share
     };
     let tunnel = SharedTcp::new(stream);
     let result = inbound_inner(&tunnel, &local, &shared, &mut summary).await;
-    log_close(started, &summary, &result);
+    log_close(&shared, started, &summary, &result);
 }
 
 async fn inbound_inner(

@@ -219,6 +219,38 @@ impl Mesh {
         Ok(())
     }
 
+    /// Fetches `path` from the admin endpoint of node `node_index` (127.0.0.1:15020 in the
+    /// node's namespace) and returns the response body.
+    pub fn admin_get(&self, node_index: usize, path: &str) -> io::Result<String> {
+        let netns = self.node_netns[node_index - 1].clone();
+        let request = format!("GET {path} HTTP/1.1\r\nhost: localhost\r\n\r\n");
+        // setns moves only the calling thread, so a short-lived thread enters the node.
+        let response = std::thread::spawn(move || -> io::Result<String> {
+            use std::io::{Read, Write};
+            let file = File::open(&netns)?;
+            // SAFETY: `file` is an open namespace file; only this thread moves.
+            if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) }
+                != 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+            let mut stream = std::net::TcpStream::connect(("127.0.0.1", 15020))?;
+            stream.set_read_timeout(Some(scaled(Duration::from_secs(5))))?;
+            stream.write_all(request.as_bytes())?;
+            let mut response = String::new();
+            stream.read_to_string(&mut response)?;
+            Ok(response)
+        })
+        .join()
+        .map_err(|_| io::Error::other("the admin request thread panicked"))??;
+        match response.split_once("\r\n\r\n") {
+            Some((head, body)) if head.starts_with("HTTP/1.1 200") => Ok(body.to_owned()),
+            _ => Err(io::Error::other(format!(
+                "unexpected admin response: {response}"
+            ))),
+        }
+    }
+
     /// Kills the daemon of node `node_index` with SIGKILL, as a crash would: the kernel
     /// closes its sockets without a TLS `close_notify`.
     pub fn kill_daemon(&mut self, node_index: usize) -> io::Result<()> {

@@ -144,6 +144,18 @@ fn cross_node_bytes_arrive_over_mtls() {
         closed_cleanly(&server_log),
         "server-side log:\n{server_log}"
     );
+    let metrics = setup
+        .mesh
+        .admin_get(1, "/metrics")
+        .expect("fetching node 1 metrics");
+    let tls = if expect_ktls() { "ktls" } else { "userspace" };
+    let series = format!("interceptor_connections_closed_total{{direction=\"outbound\",mode=\"tunnel\",tls=\"{tls}\"");
+    let closed: u64 = metrics
+        .lines()
+        .filter(|l| l.starts_with(&series) && l.contains("result=\"ok\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert_eq!(closed, 2, "metrics:\n{metrics}");
     assert!(
         client_log.contains("bytes_sent=300000 bytes_received=300000"),
         "client-side log:\n{client_log}"

@@ -1,0 +1,257 @@
+//! Metrics of the daemon and the admin endpoint that serves them.
+//!
+//! The endpoint listens on the node's loopback only (127.0.0.1:15020 by default, in the
+//! daemon's own network namespace) and answers `GET /metrics` in the Prometheus text
+//! format and `GET /healthz`. It speaks just enough HTTP/1.1 for that: one request per
+//! connection, then close.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tracing::{debug, warn};
+
+use crate::ktls;
+
+/// Labels of one closed-connection series.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ConnectionLabels {
+    /// "outbound" or "inbound".
+    pub direction: &'static str,
+    /// "tunnel" or "passthrough".
+    pub mode: &'static str,
+    /// "userspace", "ktls" or "none".
+    pub tls: &'static str,
+    /// The kTLS cipher, empty when kTLS does not carry the connection.
+    pub cipher: &'static str,
+    /// "copy", "splice" or a mix per direction.
+    pub relay: &'static str,
+    /// "ok" or "error".
+    pub result: &'static str,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    connections: u64,
+    bytes_sent: u64,
+    bytes_received: u64,
+}
+
+/// Counters of closed connections, by [`ConnectionLabels`].
+#[derive(Debug, Default)]
+pub struct Metrics {
+    closed: Mutex<BTreeMap<ConnectionLabels, Counters>>,
+}
+
+impl Metrics {
+    /// Counts one closed connection that moved `sent` bytes from its app and `received`
+    /// bytes to it.
+    pub fn record_close(&self, labels: ConnectionLabels, sent: u64, received: u64) {
+        let mut closed = self
+            .closed
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let counters = closed.entry(labels).or_default();
+        counters.connections += 1;
+        counters.bytes_sent += sent;
+        counters.bytes_received += received;
+    }
+
+    /// Renders every metric in the Prometheus text format, with what the kernel supports
+    /// as gauges.
+    pub fn render(&self, ktls: &ktls::Support) -> String {
+        let mut out = String::new();
+        let closed = self
+            .closed
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let series = [
+            (
+                "interceptor_connections_closed_total",
+                "Connections closed, by how they were carried.",
+                0,
+            ),
+            (
+                "interceptor_sent_bytes_total",
+                "Bytes from the app into the mesh, of closed connections.",
+                1,
+            ),
+            (
+                "interceptor_received_bytes_total",
+                "Bytes from the mesh to the app, of closed connections.",
+                2,
+            ),
+        ];
+        for (name, help, field) in series {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for (labels, counters) in closed.iter() {
+                let value = [
+                    counters.connections,
+                    counters.bytes_sent,
+                    counters.bytes_received,
+                ][field];
+                let _ = writeln!(
+                    out,
+                    "{name}{{direction=\"{}\",mode=\"{}\",tls=\"{}\",cipher=\"{}\",relay=\"{}\",result=\"{}\"}} {value}",
+                    labels.direction, labels.mode, labels.tls, labels.cipher, labels.relay, labels.result
+                );
+            }
+        }
+        let name = "interceptor_kernel_tls_offload";
+        let _ = writeln!(
+            out,
+            "# HELP {name} 1 when kernel TLS carries tunnels of this cipher here.\n# TYPE {name} gauge"
+        );
+        for cipher in ktls::Cipher::ALL {
+            let offloaded = ktls.offloads_cipher(cipher);
+            let _ = writeln!(
+                out,
+                "{name}{{cipher=\"{}\"}} {}",
+                cipher.as_str(),
+                u8::from(offloaded)
+            );
+        }
+        for (name, help, value) in [
+            (
+                "interceptor_kernel_tls_splice_rx",
+                "1 when splice out of kTLS sockets is used.",
+                ktls.splice_rx,
+            ),
+            (
+                "interceptor_kernel_tls_splice_tx",
+                "1 when splice into kTLS sockets is used.",
+                ktls.splice_tx,
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {}",
+                u8::from(value)
+            );
+        }
+        out
+    }
+}
+
+/// Longest request head the endpoint reads.
+const MAX_REQUEST: usize = 4096;
+
+/// Serves the admin endpoint on `listener` forever.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, ktls: ktls::Support) {
+    loop {
+        let (mut stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                warn!(%error, "accepting on the admin endpoint failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let metrics = Arc::clone(&metrics);
+        let ktls = ktls.clone();
+        tokio::spawn(async move {
+            let mut request = [0u8; MAX_REQUEST];
+            let read =
+                tokio::time::timeout(Duration::from_secs(5), read_head(&mut stream, &mut request))
+                    .await;
+            let head = match read {
+                Ok(Ok(len)) => String::from_utf8_lossy(&request[..len]).into_owned(),
+                _ => return,
+            };
+            let (status, body) = match head.split_whitespace().take(2).collect::<Vec<_>>()[..] {
+                ["GET", "/metrics"] => ("200 OK", metrics.render(&ktls)),
+                ["GET", "/healthz"] => ("200 OK", "ok\n".to_owned()),
+                ["GET", _] => (
+                    "404 Not Found",
+                    "not found: try /metrics or /healthz\n".to_owned(),
+                ),
+                _ => (
+                    "405 Method Not Allowed",
+                    "only GET is supported\n".to_owned(),
+                ),
+            };
+            let response = format!(
+                "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            if let Err(error) = stream.write_all(response.as_bytes()).await {
+                debug!(%peer, %error, "writing an admin response failed");
+            }
+        });
+    }
+}
+
+/// Reads until the end of the request head (an empty line) or until `buffer` is full,
+/// and returns the number of bytes read.
+async fn read_head(
+    stream: &mut tokio::net::TcpStream,
+    buffer: &mut [u8],
+) -> std::io::Result<usize> {
+    let mut len = 0;
+    while len < buffer.len() {
+        let n = stream.read(&mut buffer[len..]).await?;
+        if n == 0 {
+            break;
+        }
+        len += n;
+        if buffer[..len].windows(4).any(|w| w == b"\r\n\r\n") {
+            break;
+        }
+    }
+    Ok(len)
+}
+
+/// Checks that the admin address is on loopback: the endpoint has no authentication.
+pub fn check_addr(addr: SocketAddr) -> Result<(), String> {
+    if addr.ip().is_loopback() {
+        Ok(())
+    } else {
+        Err(format!("--admin-addr {addr}: must be a loopback address, since the endpoint has no authentication"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(tls: &'static str) -> ConnectionLabels {
+        ConnectionLabels {
+            direction: "outbound",
+            mode: "tunnel",
+            tls,
+            cipher: "",
+            relay: "copy",
+            result: "ok",
+        }
+    }
+
+    #[test]
+    fn closes_are_counted_per_path() {
+        let metrics = Metrics::default();
+        metrics.record_close(labels("userspace"), 10, 20);
+        metrics.record_close(labels("userspace"), 1, 2);
+        metrics.record_close(labels("ktls"), 5, 5);
+        let text = metrics.render(&ktls::Support::none("test"));
+        assert!(text.contains(
+            "interceptor_connections_closed_total{direction=\"outbound\",mode=\"tunnel\",tls=\"userspace\",cipher=\"\",relay=\"copy\",result=\"ok\"} 2"
+        ), "{text}");
+        assert!(
+            text.contains("tls=\"userspace\",cipher=\"\",relay=\"copy\",result=\"ok\"} 11"),
+            "{text}"
+        );
+        assert!(
+            text.contains("interceptor_kernel_tls_offload{cipher=\"CHACHA20-POLY1305\"} 0"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn admin_addr_must_be_loopback() {
+        assert!(check_addr("127.0.0.1:15020".parse().expect("address")).is_ok());
+        assert!(check_addr("0.0.0.0:15020".parse().expect("address")).is_err());
+    }
+}
