@@ -36,12 +36,13 @@ pub const MAX_PENDING_CONNECTS: u32 = 65536;
 ///
 /// A TCP connect from a socket whose cgroup is in the map, made in the network
 /// namespace named by `netns_cookie`, is sent to `redirect_addr_be:redirect_port_be`.
+/// Written by the daemon only.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct EnrolledCgroup {
-    /// Cookie of the workload's network namespace (`SO_NETNS_COOKIE`). A socket of the
-    /// cgroup in any other namespace is not redirected, since the daemon has no listener
-    /// there for it.
+    /// Cookie of the workload's network namespace (`SO_NETNS_COOKIE`). A TCP connect
+    /// from a socket of the cgroup in any other namespace is rejected with `EPERM`: the
+    /// daemon has no listener there, and the connection must not leave unprotected.
     pub netns_cookie: u64,
     /// IPv4 address of the daemon's outbound listener in the workload's namespace,
     /// network byte order; a loopback address.
