@@ -657,3 +657,159 @@ fn record_limit_follows_the_rekey_policy() {
         assert_eq!(result, "result=ok sent=4194304 received=4194304");
     }
 }
+
+#[test]
+fn bad_config_is_rejected_before_the_kernel() {
+    if !require_privileges("bad_config_is_rejected_before_the_kernel") {
+        return;
+    }
+    let dir = std::env::temp_dir().join("interceptor-e2e-badconfig");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("creating the work directory");
+    let config = dir.join("mesh.toml");
+    std::fs::write(
+        &config,
+        r#"trust_domain = "cluster.local"
+
+[[nodes]]
+name = "badcfg-n1"
+cgroup = "interceptor/badcfg-n1"
+
+[[workloads]]
+name = "p1"
+namespace = "default"
+service_account = "p1"
+node = "badcfg-n1"
+ip = "10.1.1.300"
+netns = "/run/netns/badcfg-n1-p1"
+cgroup = "interceptor/badcfg-n1/p1"
+"#,
+    )
+    .expect("writing the config");
+    let output = std::process::Command::new(interceptor_tests::mesh::interceptor_bin())
+        .args(["run", "--node", "badcfg-n1", "--config"])
+        .arg(&config)
+        .arg("--ca-dir")
+        .arg(dir.join("ca"))
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("running interceptor");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "a bad config must fail: {stderr}");
+    assert!(
+        stderr.contains("workloads[0].ip = \"10.1.1.300\""),
+        "{stderr}"
+    );
+    assert!(
+        !std::path::Path::new("/sys/fs/bpf/interceptor/badcfg-n1").exists(),
+        "the daemon touched the kernel before rejecting its config"
+    );
+}
+
+/// Opens a tunnel to `server_pod`'s tunnel port from inside `from_pod`'s namespace, as a
+/// daemon would, with a valid SVID of `from_pod`'s identity, asks for `dst`, and returns
+/// the TLS stream once the server answered with its status byte pair.
+fn rogue_tunnel(
+    setup: &Setup,
+    from_pod: &Pod,
+    server_pod: &Pod,
+    dst: std::net::SocketAddr,
+) -> rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream> {
+    use interceptor::identity::{CertificateAuthority, SpiffeId};
+    use std::io::{Read, Write};
+    let ca = CertificateAuthority::load(&setup.work_dir.join("ca")).expect("loading the test CA");
+    let id: SpiffeId = spiffe_id(from_pod).parse().expect("SPIFFE ID");
+    let svid = ca
+        .issue(&id, Duration::from_secs(600))
+        .expect("issuing an SVID");
+    let config = interceptor::tls::client_config(&svid, &ca.trust_bundle()).expect("client config");
+    let netns = from_pod.netns_path.clone();
+    let tunnel = std::net::SocketAddr::from((server_pod.ip, 15008));
+    // setns moves only the calling thread, so a short-lived thread creates the socket.
+    let socket = std::thread::spawn(move || {
+        let file = std::fs::File::open(&netns).expect("opening the pod's namespace");
+        // SAFETY: `file` is an open namespace file; only this thread moves.
+        let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "entering the pod's namespace");
+        std::net::TcpStream::connect(tunnel).expect("connecting to the tunnel port")
+    })
+    .join()
+    .expect("the connecting thread");
+    socket
+        .set_read_timeout(Some(scaled(Duration::from_secs(10))))
+        .expect("read timeout");
+    let name = rustls::pki_types::ServerName::IpAddress(std::net::IpAddr::V4(server_pod.ip).into());
+    let conn = rustls::ClientConnection::new(config, name).expect("TLS client");
+    let mut tls = rustls::StreamOwned::new(conn, socket);
+    let mut preamble = [0u8; interceptor::protocol::MAX_PREAMBLE_LEN];
+    let len = interceptor::protocol::encode_preamble(dst, &mut preamble);
+    tls.write_all(&preamble[..len])
+        .expect("sending the preamble");
+    tls.flush().expect("flushing the preamble");
+    let mut status = [0u8; 2];
+    tls.read_exact(&mut status).expect("reading the status");
+    assert_eq!(
+        status,
+        interceptor::protocol::Status::Connected.encode(),
+        "tunnel status"
+    );
+    tls
+}
+
+#[test]
+fn forged_record_resets_the_app() {
+    use std::io::{Read, Write};
+    let Some(setup) = setup("forged_record_resets_the_app", "fr", 220, all_pods, &[]) else {
+        return;
+    };
+    let client_pod = setup.island.pod(1, 1);
+    let server_pod = setup.island.pod(2, 1);
+    let server = PeerServer::start(&setup.island, server_pod, &["echo", "0.0.0.0:8080"])
+        .expect("starting the server");
+    let dst = std::net::SocketAddr::from((server_pod.ip, 8080));
+    let mut tls = rogue_tunnel(&setup, client_pod, server_pod, dst);
+
+    // A real exchange first, so the forged record arrives on a working tunnel.
+    tls.write_all(b"ping").expect("sending app bytes");
+    let mut echo = [0u8; 4];
+    tls.read_exact(&mut echo).expect("reading the echo");
+    assert_eq!(&echo, b"ping");
+
+    // An application-data record whose ciphertext is garbage: it cannot authenticate.
+    let mut forged = vec![0x17, 0x03, 0x03, 0x00, 0x30];
+    forged.extend((0..0x30).map(|i| i as u8));
+    tls.sock
+        .write_all(&forged)
+        .expect("sending the forged record");
+    let mut rest = Vec::new();
+    let outcome = tls.read_to_end(&mut rest);
+    assert!(
+        outcome.is_err() || rest.is_empty(),
+        "the tunnel went on after a forged record: {rest:?}"
+    );
+
+    let log = setup.mesh.log_when(2, |log| {
+        tunnel_closes(log).iter().any(|l| l.contains("error="))
+    });
+    let closes = tunnel_closes(&log);
+    assert!(
+        closes.iter().any(|l| l.contains("error=")),
+        "server-side log:\n{log}"
+    );
+    // The app never sees a clean end: its connection is reset.
+    let deadline = Instant::now() + scaled(Duration::from_secs(5));
+    while !server.lines().iter().any(|l| l.starts_with("closed ")) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let closed: Vec<String> = server
+        .lines()
+        .into_iter()
+        .filter(|l| l.starts_with("closed "))
+        .collect();
+    assert_eq!(closed.len(), 1, "server lines: {:?}", server.lines());
+    assert!(
+        closed[0].contains("error="),
+        "the app saw a clean end: {}",
+        closed[0]
+    );
+}
