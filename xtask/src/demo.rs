@@ -67,6 +67,14 @@ pub struct Options {
     /// to remove them.
     #[arg(long)]
     pub keep: bool,
+    /// Run the demo inside the QEMU guest with Debian's stock kernel, where kernel TLS
+    /// carries the tunnels (`scripts/ktls-vm-run.sh`); the build stays on this host.
+    #[arg(long, conflicts_with = "keep")]
+    pub ktls_guest: bool,
+    /// Skip setup and build and run only the demo: what `--ktls-guest` runs inside the
+    /// guest, where cargo does not run.
+    #[arg(long, hide = true)]
+    pub no_build: bool,
 }
 
 /// Runs the demo. Needs root.

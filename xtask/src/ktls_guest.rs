@@ -146,11 +146,34 @@ pub fn run_guest_tests(root: &Path, test_args: &[String]) -> anyhow::Result<()> 
 
 /// Installs QEMU and fills the guest's cache, which `scripts/setup.sh --ktls-guest`
 /// does when anything is missing.
-fn prepare(root: &Path) -> anyhow::Result<()> {
+pub fn prepare(root: &Path) -> anyhow::Result<()> {
     run(Command::new("bash")
         .arg(root.join("scripts/setup.sh"))
         .arg("--ktls-guest"))
     .map_err(|err| anyhow::anyhow!(cannot_start(&format!("{err:#}"))))
+}
+
+/// Runs `cargo xtask demo` inside the guest with the binaries built on this host.
+pub fn run_demo(root: &Path) -> anyhow::Result<()> {
+    prepare(root)?;
+    let xtask = root.join("target/debug/xtask");
+    let mut command = Command::new(root.join("scripts/ktls-vm-run.sh"));
+    command
+        .current_dir(root)
+        .env("INTERCEPTOR_GUEST", "1")
+        .arg(&xtask)
+        .args(["demo", "--no-build"]);
+    if std::env::var_os("INTERCEPTOR_TIME_SCALE").is_none() {
+        command.env("INTERCEPTOR_TIME_SCALE", GUEST_TIME_SCALE);
+    }
+    let status = command
+        .status()
+        .with_context(|| format!("starting {}", root.join("scripts/ktls-vm-run.sh").display()))?;
+    match status.code() {
+        Some(0) => Ok(()),
+        Some(EXIT_VM_FAILED) => bail!(cannot_start("the QEMU guest failed to run (the ktls-vm lines above say why)")),
+        _ => bail!("the demo failed in the kTLS guest ({status})"),
+    }
 }
 
 /// Builds the message for a guest that cannot start, with the way around it outside CI.

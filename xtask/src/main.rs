@@ -66,6 +66,7 @@ fn main() -> anyhow::Result<()> {
             setup(&root)?;
             build_ebpf(&root)
         }
+        Task::Demo(options) if options.no_build => demo::run(&root, &options),
         Task::Demo(options) => {
             let mut stages = Stages::new();
             stages.run("setup", || setup(&root))?;
@@ -82,7 +83,11 @@ fn main() -> anyhow::Result<()> {
                     ],
                 )
             })?;
-            let result = stages.run("demo", || demo::run(&root, &options));
+            let result = if options.ktls_guest {
+                stages.run("demo in the kTLS guest", || ktls_guest::run_demo(&root))
+            } else {
+                stages.run("demo", || demo::run(&root, &options))
+            };
             stages.print();
             result
         }
