@@ -31,9 +31,9 @@ use crate::tunnel::{self, LocalWorkload, OrigDstSource, Shared, TlsConfigs};
 use crate::workloads::{Directory, Registry, Workload};
 
 /// Listen backlog of the in-pod listeners.
-const BACKLOG: i32 = 1024;
+pub(crate) const BACKLOG: i32 = 1024;
 /// Relay buffers kept for reuse when traffic drops.
-const POOLED_BUFFERS: usize = 256;
+pub(crate) const POOLED_BUFFERS: usize = 256;
 
 /// Errors that stop the daemon. They occur only at start, never per connection, so
 /// their size does not matter (hence `result_large_err` is allowed in this module).
@@ -109,31 +109,14 @@ pub async fn run(config: RunConfig) -> Result<(), Error> {
             path: config.config.clone(),
         })?
         .clone();
-    let ca = CertificateAuthority::load(&config.ca_dir).map_err(|source| Error::Ca {
-        path: config.ca_dir.clone(),
-        source,
-    })?;
-    if ca.trust_domain() != &directory.trust_domain {
-        return Err(Error::TrustDomainMismatch {
-            path: config.ca_dir.clone(),
-            ca: ca.trust_domain().to_string(),
-            directory: directory.trust_domain.to_string(),
-        });
-    }
+    let ca = load_ca(&config, &directory)?;
 
     let cgroup2 = ebpf::cgroup2_mount()?;
     check_own_cgroup(&node.cgroup)?;
     let node_cgroup = cgroup2.join(&node.cgroup);
     ebpf::cgroup_id(&node_cgroup)?;
 
-    let ktls = match config.kernel_tls {
-        KernelTls::Auto => ktls::probe(),
-        KernelTls::Off => ktls::Support::none("turned off with --kernel-tls off"),
-    };
-    let options = TunnelOptions {
-        kernel_tls: ktls.any(),
-        record_limit: config.tls_record_limit,
-    };
+    let (ktls, options) = tunnel_options(&config);
 
     let ca = Arc::new(ca);
     let mut locals = Vec::new();
@@ -232,6 +215,40 @@ pub async fn run(config: RunConfig) -> Result<(), Error> {
     Ok(())
 }
 
+/// Loads the CA from `--ca-dir` and checks that it signs for the directory's trust
+/// domain.
+pub(crate) fn load_ca(
+    config: &RunConfig,
+    directory: &Directory,
+) -> Result<CertificateAuthority, Error> {
+    let ca = CertificateAuthority::load(&config.ca_dir).map_err(|source| Error::Ca {
+        path: config.ca_dir.clone(),
+        source,
+    })?;
+    if ca.trust_domain() != &directory.trust_domain {
+        return Err(Error::TrustDomainMismatch {
+            path: config.ca_dir.clone(),
+            ca: ca.trust_domain().to_string(),
+            directory: directory.trust_domain.to_string(),
+        });
+    }
+    Ok(ca)
+}
+
+/// Decides, from `--kernel-tls` and a probe of the kernel, what kernel TLS carries, and
+/// the tunnel TLS options that follow.
+pub(crate) fn tunnel_options(config: &RunConfig) -> (ktls::Support, TunnelOptions) {
+    let ktls = match config.kernel_tls {
+        KernelTls::Auto => ktls::probe(),
+        KernelTls::Off => ktls::Support::none("turned off with --kernel-tls off"),
+    };
+    let options = TunnelOptions {
+        kernel_tls: ktls.any(),
+        record_limit: config.tls_record_limit,
+    };
+    (ktls, options)
+}
+
 /// Refuses to run inside the node's cgroup subtree, where the connect hooks would see
 /// the daemon's own sockets.
 fn check_own_cgroup(node_cgroup: &Path) -> Result<(), Error> {
@@ -269,7 +286,7 @@ async fn prepare_workload(
 }
 
 /// Issues a fresh SVID for `workload` and builds both TLS configurations from it.
-fn issue_tls(
+pub(crate) fn issue_tls(
     workload: &Workload,
     ca: &CertificateAuthority,
     lifetime: Duration,
@@ -293,7 +310,7 @@ fn issue_tls(
     })
 }
 
-async fn listen(local: &LocalWorkload, addr: SocketAddr) -> Result<TcpListener, Error> {
+pub(crate) async fn listen(local: &LocalWorkload, addr: SocketAddr) -> Result<TcpListener, Error> {
     let listen_error = |source| Error::Listen {
         workload: local.workload.name.clone(),
         addr,
@@ -309,7 +326,7 @@ async fn listen(local: &LocalWorkload, addr: SocketAddr) -> Result<TcpListener, 
 
 /// Renews `local`'s SVID at half its lifetime, forever. Connections opened after a
 /// renewal present the new certificate; open ones keep their session.
-async fn renew_svids(
+pub(crate) async fn renew_svids(
     local: Arc<LocalWorkload>,
     ca: Arc<CertificateAuthority>,
     lifetime: Duration,
@@ -338,7 +355,7 @@ async fn renew_svids(
     }
 }
 
-async fn wait_for_stop() -> Result<(), Error> {
+pub(crate) async fn wait_for_stop() -> Result<(), Error> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut terminate = signal(SignalKind::terminate()).map_err(Error::Signal)?;
     tokio::select! {

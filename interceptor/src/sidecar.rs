@@ -25,10 +25,9 @@
 
 pub mod iptables;
 
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -36,14 +35,11 @@ use clap::Args;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{info, info_span, warn, Instrument};
 
-use crate::config::{KernelTls, RunConfig};
+use crate::config::RunConfig;
 use crate::daemon;
-use crate::identity::CertificateAuthority;
-use crate::ktls;
 use crate::netns::{self, Netns};
 use crate::relay::{self, BufferPool};
-use crate::tls::TunnelOptions;
-use crate::tunnel::{self, LocalWorkload, OrigDstSource, Shared, TlsConfigs};
+use crate::tunnel::{self, LocalWorkload, OrigDstSource, Shared};
 use crate::workloads::{Directory, Registry, Workload};
 
 /// Port of the listener that resets inbound plaintext connections, on the pod IP.
@@ -53,12 +49,6 @@ pub const INBOUND_PORT: u16 = 15006;
 
 /// Default of `--mark`: 1337, the mark Istio's sidecar gives its own sockets.
 pub const DEFAULT_MARK: u32 = 0x539;
-
-/// Listen backlog of the sidecar's listeners, the same as the daemon's.
-const BACKLOG: i32 = 1024;
-
-/// Relay buffers kept for reuse when traffic drops, as many as the daemon keeps.
-const POOLED_BUFFERS: usize = 256;
 
 /// Flags of `interceptor sidecar`.
 #[derive(Args, Debug, Clone)]
@@ -145,8 +135,8 @@ pub enum Error {
 /// namespace of the calling process.
 pub async fn run(config: SidecarConfig) -> Result<(), Error> {
     let (directory, workload) = load_workload(&config)?;
-    let ca = load_ca(&config.run, &directory)?;
-    let (ktls, options) = tunnel_options(&config.run);
+    let ca = daemon::load_ca(&config.run, &directory)?;
+    let (ktls, options) = daemon::tunnel_options(&config.run);
 
     let netns = Netns::spawn(Path::new(netns::CURRENT), Some(config.mark)).map_err(|source| {
         daemon::Error::Netns {
@@ -154,7 +144,7 @@ pub async fn run(config: SidecarConfig) -> Result<(), Error> {
             source,
         }
     })?;
-    let tls = issue_tls(&workload, &ca, config.run.svid_lifetime, &options)?;
+    let tls = daemon::issue_tls(&workload, &ca, config.run.svid_lifetime, &options)?;
     let local = Arc::new(LocalWorkload {
         workload,
         netns,
@@ -163,15 +153,15 @@ pub async fn run(config: SidecarConfig) -> Result<(), Error> {
     let outbound_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, config.run.outbound_port));
     let tunnel_addr = SocketAddr::from((local.workload.ip, config.run.tunnel_port));
     let inbound_addr = SocketAddr::from((local.workload.ip, INBOUND_PORT));
-    let outbound = listen(&local, outbound_addr).await?;
-    let tunnel = listen(&local, tunnel_addr).await?;
-    let inbound = listen(&local, inbound_addr).await?;
+    let outbound = daemon::listen(&local, outbound_addr).await?;
+    let tunnel = daemon::listen(&local, tunnel_addr).await?;
+    let inbound = daemon::listen(&local, inbound_addr).await?;
 
     let shared = Arc::new(Shared::new(
         config.run.clone(),
         Arc::new(Registry::new(directory)),
         OrigDstSource::SoOriginalDst,
-        BufferPool::new(POOLED_BUFFERS),
+        BufferPool::new(daemon::POOLED_BUFFERS),
         ktls.clone(),
     ));
     tokio::spawn(tunnel::serve_outbound(
@@ -184,10 +174,14 @@ pub async fn run(config: SidecarConfig) -> Result<(), Error> {
         Arc::clone(&local),
         Arc::clone(&shared),
     ));
-    tokio::spawn(reject_plaintext(inbound, Arc::clone(&local)));
+    tokio::spawn(reject_plaintext(
+        inbound,
+        Arc::clone(&local),
+        Arc::clone(&shared),
+    ));
     let span = tracing::info_span!("renew", workload = %local.workload.name);
     tokio::spawn(
-        renew_svids(
+        daemon::renew_svids(
             Arc::clone(&local),
             Arc::new(ca),
             config.run.svid_lifetime,
@@ -226,7 +220,7 @@ pub async fn run(config: SidecarConfig) -> Result<(), Error> {
         "sidecar started; inbound plaintext connections are reset (strict mTLS)"
     );
 
-    let stopped = wait_for_stop().await;
+    let stopped = daemon::wait_for_stop().await.map_err(Error::from);
     rules.remove()?;
     info!(
         workload = %local.workload.name,
@@ -268,10 +262,7 @@ fn load_workload(config: &SidecarConfig) -> Result<(Directory, Workload), Error>
 
 /// Accepts inbound connections that the rules redirected because they are not for the
 /// tunnel, and resets each at once, forever.
-async fn reject_plaintext(listener: TcpListener, local: Arc<LocalWorkload>) {
-    // TODO: take ids from `Shared` once it hands them out to other modules, so that ids
-    // are unique across the sidecar's listeners. Until then, `dir` distinguishes them.
-    let next_id = AtomicU64::new(1);
+async fn reject_plaintext(listener: TcpListener, local: Arc<LocalWorkload>, shared: Arc<Shared>) {
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -281,7 +272,7 @@ async fn reject_plaintext(listener: TcpListener, local: Arc<LocalWorkload>) {
                 continue;
             }
         };
-        let id = next_id.fetch_add(1, Ordering::Relaxed);
+        let id = shared.next_id();
         let span = info_span!(
             "conn",
             id,
@@ -296,7 +287,7 @@ async fn reject_plaintext(listener: TcpListener, local: Arc<LocalWorkload>) {
 /// Resets an inbound plaintext connection and logs the denial as its close event.
 fn reset_plaintext(stream: TcpStream) {
     let started = Instant::now();
-    let dst = original_dst(&stream)
+    let dst = tunnel::so_original_dst(&stream)
         .map(|dst| dst.to_string())
         .unwrap_or_default();
     relay::set_reset_on_close(stream.as_raw_fd());
@@ -308,139 +299,6 @@ fn reset_plaintext(stream: TcpStream) {
         duration_ms = started.elapsed().as_millis() as u64,
         "connection denied"
     );
-}
-
-// TODO: the helpers below stand in for private ones of `daemon` and `tunnel`
-// (`issue_tls`, `listen`, `renew_svids`, `wait_for_stop`, the CA and kernel TLS steps
-// of `daemon::run`, and `SO_ORIGINAL_DST` reading). Call those once they are public,
-// so the two modes cannot drift apart.
-
-/// Decides what kernel TLS carries and the TLS options that follow, as the daemon does.
-fn tunnel_options(config: &RunConfig) -> (ktls::Support, TunnelOptions) {
-    let ktls = match config.kernel_tls {
-        KernelTls::Auto => ktls::probe(),
-        KernelTls::Off => ktls::Support::none("turned off with --kernel-tls off"),
-    };
-    let options = TunnelOptions {
-        kernel_tls: ktls.any(),
-        record_limit: config.tls_record_limit,
-    };
-    (ktls, options)
-}
-
-/// Loads the CA and checks that it signs for the directory's trust domain.
-fn load_ca(config: &RunConfig, directory: &Directory) -> Result<CertificateAuthority, Error> {
-    let ca = CertificateAuthority::load(&config.ca_dir).map_err(|source| daemon::Error::Ca {
-        path: config.ca_dir.clone(),
-        source,
-    })?;
-    if ca.trust_domain() != &directory.trust_domain {
-        return Err(daemon::Error::TrustDomainMismatch {
-            path: config.ca_dir.clone(),
-            ca: ca.trust_domain().to_string(),
-            directory: directory.trust_domain.to_string(),
-        }
-        .into());
-    }
-    Ok(ca)
-}
-
-/// Issues a fresh SVID for `workload` and builds both TLS configurations from it.
-fn issue_tls(
-    workload: &Workload,
-    ca: &CertificateAuthority,
-    lifetime: Duration,
-    options: &TunnelOptions,
-) -> Result<TlsConfigs, daemon::Error> {
-    let svid = ca
-        .issue(&workload.spiffe_id, lifetime)
-        .map_err(|source| daemon::Error::Issue {
-            workload: workload.name.clone(),
-            source,
-        })?;
-    let bundle = ca.trust_bundle();
-    let tls_error = |source| daemon::Error::Tls {
-        workload: workload.name.clone(),
-        source,
-    };
-    Ok(TlsConfigs {
-        client: crate::tls::client_config_with(&svid, &bundle, options).map_err(tls_error)?,
-        server: crate::tls::server_config_with(&svid, &bundle, options).map_err(tls_error)?,
-        serial: svid.serial.clone(),
-    })
-}
-
-async fn listen(local: &LocalWorkload, addr: SocketAddr) -> Result<TcpListener, daemon::Error> {
-    let listen_error = |source| daemon::Error::Listen {
-        workload: local.workload.name.clone(),
-        addr,
-        source,
-    };
-    let listener = local
-        .netns
-        .listen(addr, BACKLOG)
-        .await
-        .map_err(listen_error)?;
-    TcpListener::from_std(listener).map_err(listen_error)
-}
-
-/// Renews `local`'s SVID at half its lifetime, forever, retrying every second while
-/// renewal fails. Open connections keep their session.
-async fn renew_svids(
-    local: Arc<LocalWorkload>,
-    ca: Arc<CertificateAuthority>,
-    lifetime: Duration,
-    options: TunnelOptions,
-) {
-    let mut next = lifetime / 2;
-    loop {
-        tokio::time::sleep(next).await;
-        match issue_tls(&local.workload, &ca, lifetime, &options) {
-            Ok(tls) => {
-                info!(serial = %tls.serial, valid_for = ?lifetime, "renewed SVID");
-                match local.tls.write() {
-                    Ok(mut guard) => *guard = Arc::new(tls),
-                    Err(poisoned) => *poisoned.into_inner() = Arc::new(tls),
-                }
-                next = lifetime / 2;
-            }
-            Err(error) => {
-                next = Duration::from_secs(1);
-                warn!(%error, retry_in = ?next, "renewing SVID failed; the current one stays in use");
-            }
-        }
-    }
-}
-
-async fn wait_for_stop() -> Result<(), Error> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut terminate = signal(SignalKind::terminate()).map_err(daemon::Error::Signal)?;
-    tokio::select! {
-        result = tokio::signal::ctrl_c() => result.map_err(|source| daemon::Error::Signal(source).into()),
-        _ = terminate.recv() => Ok(()),
-    }
-}
-
-/// Reads `SO_ORIGINAL_DST`: the destination before the `REDIRECT` rule.
-fn original_dst(stream: &TcpStream) -> Option<SocketAddrV4> {
-    // SAFETY: `sockaddr_in` is plain data, for which all-zero bytes are valid.
-    let mut addr: libc::sockaddr_in = unsafe { std::mem::zeroed() };
-    let mut len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
-    // SAFETY: `addr` and `len` are valid for writes of the sizes given.
-    let rc = unsafe {
-        libc::getsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_IP,
-            libc::SO_ORIGINAL_DST,
-            (&raw mut addr).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 || i32::from(addr.sin_family) != libc::AF_INET {
-        return None;
-    }
-    let ip = Ipv4Addr::from(u32::from_be(addr.sin_addr.s_addr));
-    Some(SocketAddrV4::new(ip, u16::from_be(addr.sin_port)))
 }
 
 #[cfg(test)]

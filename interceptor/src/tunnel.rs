@@ -156,7 +156,7 @@ impl OrigDstSource {
 }
 
 /// Reads `SO_ORIGINAL_DST`: the destination before a netfilter `REDIRECT`.
-fn so_original_dst(stream: &TcpStream) -> Option<SocketAddrV4> {
+pub(crate) fn so_original_dst(stream: &TcpStream) -> Option<SocketAddrV4> {
     use std::os::fd::AsRawFd;
     // SAFETY: `sockaddr_in` is plain data.
     let mut addr: libc::sockaddr_in = unsafe { std::mem::zeroed() };
@@ -215,7 +215,7 @@ impl Shared {
         }
     }
 
-    fn next_id(&self) -> u64 {
+    pub(crate) fn next_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 }
