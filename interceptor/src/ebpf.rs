@@ -245,47 +245,36 @@ impl NodePrograms {
                 cgroup: cgroup.to_owned(),
                 source: e,
             };
+            // Both program types have the same load and attach calls but no common
+            // trait for them in aya, so the steps are spelled out once in a macro.
+            macro_rules! load_and_attach {
+                ($program_type:ty) => {{
+                    let program: &mut $program_type = program.try_into().map_err(load)?;
+                    program.load().map_err(load)?;
+                    let prog_fd = program.fd().map_err(load)?.as_fd();
+                    if !take_over_link(&link_path, prog_fd)? {
+                        // With bpf_link (Linux 5.7) the kernel always lets several
+                        // programs share a cgroup hook and rejects any attach flag, so
+                        // "single" here means no flags, not exclusive.
+                        let id = program
+                            .attach(&cgroup_file, CgroupAttachMode::Single)
+                            .map_err(attach)?;
+                        let link: FdLink = program
+                            .take_link(id)
+                            .map_err(attach)?
+                            .try_into()
+                            .map_err(|e| Error::Pin {
+                                path: link_path.clone(),
+                                source: io::Error::other(e),
+                            })?;
+                        pin_link(link, &link_path)?;
+                    }
+                }};
+            }
             if name == SOCK_OPS_PROG {
-                let program: &mut SockOps = program.try_into().map_err(load)?;
-                program.load().map_err(load)?;
-                let prog_fd = program.fd().map_err(load)?.as_fd();
-                if !take_over_link(&link_path, prog_fd)? {
-                    // With bpf_link (Linux 5.7) the kernel always lets several programs
-                    // share a cgroup hook and rejects any attach flag, so "single" here
-                    // means no flags, not exclusive.
-                    let id = program
-                        .attach(&cgroup_file, CgroupAttachMode::Single)
-                        .map_err(attach)?;
-                    let link: FdLink =
-                        program
-                            .take_link(id)
-                            .map_err(attach)?
-                            .try_into()
-                            .map_err(|e| Error::Pin {
-                                path: link_path.clone(),
-                                source: io::Error::other(e),
-                            })?;
-                    pin_link(link, &link_path)?;
-                }
+                load_and_attach!(SockOps);
             } else {
-                let program: &mut CgroupSockAddr = program.try_into().map_err(load)?;
-                program.load().map_err(load)?;
-                let prog_fd = program.fd().map_err(load)?.as_fd();
-                if !take_over_link(&link_path, prog_fd)? {
-                    let id = program
-                        .attach(&cgroup_file, CgroupAttachMode::Single)
-                        .map_err(attach)?;
-                    let link: FdLink =
-                        program
-                            .take_link(id)
-                            .map_err(attach)?
-                            .try_into()
-                            .map_err(|e| Error::Pin {
-                                path: link_path.clone(),
-                                source: io::Error::other(e),
-                            })?;
-                    pin_link(link, &link_path)?;
-                }
+                load_and_attach!(CgroupSockAddr);
             }
         }
 
