@@ -38,7 +38,7 @@ pub struct Capture {
 }
 
 impl Capture {
-    /// Starts `tcpdump --immediate-mode -Z root -U -n -i IFACE -w PCAP_PATH tcp` in the
+    /// Starts `tcpdump --immediate-mode -B 16384 -Z root -U -n -i IFACE -w PCAP_PATH tcp` in the
     /// network namespace bound at `netns` and returns once tcpdump reports that it is
     /// listening, so that every packet sent after this returns is captured.
     ///
@@ -46,12 +46,15 @@ impl Capture {
     /// `-U` writes each packet as it arrives. Without `--immediate-mode`, libpcap hands
     /// packets over in blocks after a timeout of up to a second, and with tcpdump 4.99.3
     /// and libpcap 1.10.3 the packets of a block not yet handed over were lost when
-    /// SIGINT stopped tcpdump.
+    /// SIGINT stopped tcpdump. `-B 16384` (KiB) gives the kernel's capture buffer room
+    /// for a burst of a multi-megabyte transfer, which the default buffer dropped.
     pub fn start(netns: &Path, iface: &str, pcap_path: &Path) -> io::Result<Capture> {
         let mut command = Command::new("tcpdump");
         command
             .args([
                 "--immediate-mode",
+                "-B",
+                "16384",
                 "-Z",
                 "root",
                 "-U",

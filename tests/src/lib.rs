@@ -7,6 +7,8 @@
 //! - [`Capture`] and [`pcap`]: tcpdump captures and a reader for what they hold.
 //! - [`require_privileges`]: the first line of every privileged test.
 //! - [`mesh::Mesh`]: the workload directory, a CA and one daemon per node of an island.
+//! - [`sidecar::SidecarMesh`]: the same with one `interceptor sidecar` per pod, the
+//!   benchmark baseline.
 //!
 //! The `mesh-peer` binary of this crate is the plain TCP client and server that tests
 //! run inside pods; [`mesh_peer_payload`] is the data its client sends.
