@@ -17,6 +17,8 @@ APT_PACKAGES=(
   iproute2 tcpdump
   # The REDIRECT rules of `interceptor sidecar`, the benchmark baseline (nf_tables backend).
   iptables
+  # Bulk throughput in `cargo xtask bench`.
+  iperf3
 )
 
 log() { echo "setup: $*" >&2; }

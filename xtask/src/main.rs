@@ -7,10 +7,12 @@
 //!   the kTLS guest (`--skip-guest` skips the guest outside CI).
 //! - `ktls-guest`: only the tests in the kTLS guest, a QEMU guest with Debian's stock
 //!   kernel (see `ktls_guest.rs`).
+//! - `bench`: what the mesh costs against plain TCP, with release builds (see `bench.rs`).
 //!
 //! Every task first runs `scripts/setup.sh`, which installs what is missing and returns
 //! at once when nothing is.
 
+mod bench;
 mod demo;
 mod json;
 mod ktls_guest;
@@ -36,6 +38,9 @@ enum Task {
     /// Run two nodes with two pods each, carry real traffic across them through the
     /// mesh, and check the wire.
     Demo(demo::Options),
+    /// Measure throughput, latency, connection rate, CPU and memory of each mode against
+    /// plain TCP, with release builds (as root).
+    Bench(bench::Options),
     /// Run the unit tests and the privileged end-to-end tests (as root), on the host
     /// and then in the kTLS guest.
     Test {
@@ -88,6 +93,27 @@ fn main() -> anyhow::Result<()> {
             } else {
                 stages.run("demo", || demo::run(&root, &options))
             };
+            stages.print();
+            result
+        }
+        Task::Bench(options) => {
+            let mut stages = Stages::new();
+            stages.run("setup", || setup(&root))?;
+            stages.run("build eBPF", || build_ebpf(&root))?;
+            stages.run("build release", || {
+                cargo(
+                    &root,
+                    &[
+                        "build",
+                        "--release",
+                        "--workspace",
+                        "--exclude",
+                        "interceptor-ebpf",
+                        "--bins",
+                    ],
+                )
+            })?;
+            let result = stages.run("bench", || bench::run(&root, &options));
             stages.print();
             result
         }
