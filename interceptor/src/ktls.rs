@@ -45,7 +45,9 @@ use std::task::{ready, Context, Poll};
 use rustls::{CipherSuite, ConnectionTrafficSecrets, ExtractedSecrets};
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 
-use crate::relay::SharedTcp;
+use std::sync::Arc;
+
+use crate::relay::{BufferPool, PooledBuffer, SharedTcp};
 
 /// TLS record content types (RFC 8446, section 5.1).
 const CONTENT_ALERT: u8 = 21;
@@ -505,8 +507,14 @@ fn set_crypto_info<T>(fd: RawFd, direction: libc::c_int, info: &T) -> io::Result
 pub struct RecordBoundedIo {
     socket: SharedTcp,
     /// Whether reads stop at record boundaries; off for tunnels that stay in userspace
-    /// after the handshake, which then read as much as the buffer holds.
+    /// after the handshake, which then read ahead.
     bounded: bool,
+    /// Buffers for reading ahead once unbounded: rustls asks for at most 4 KiB per read,
+    /// so without it a 16 KiB record would cost four system calls.
+    pool: Arc<BufferPool>,
+    /// Bytes read ahead and not yet handed to rustls: `buffer[start..end]`. The buffer
+    /// goes back to the pool as soon as it is empty, so an idle tunnel holds none.
+    ahead: Option<(PooledBuffer, usize, usize)>,
     /// Header bytes of the current record read so far.
     header: [u8; RECORD_HEADER_LEN],
     header_len: usize,
@@ -515,10 +523,12 @@ pub struct RecordBoundedIo {
 }
 
 impl RecordBoundedIo {
-    pub fn new(socket: SharedTcp, bounded: bool) -> Self {
+    pub fn new(socket: SharedTcp, bounded: bool, pool: Arc<BufferPool>) -> Self {
         Self {
             socket,
             bounded,
+            pool,
+            ahead: None,
             header: [0; RECORD_HEADER_LEN],
             header_len: 0,
             body_left: 0,
@@ -534,6 +544,33 @@ impl RecordBoundedIo {
     pub fn at_record_boundary(&self) -> bool {
         self.header_len == 0 && self.body_left == 0
     }
+
+    /// Serves a read from bytes read ahead, reading a whole pooled buffer's worth from
+    /// the socket when none are left.
+    fn poll_read_ahead(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.ahead.is_none() {
+            let mut buffer = self.pool.take();
+            // On Pending or an error the buffer goes straight back to the pool.
+            let n = ready!(poll_try_read(&self.socket, cx, &mut buffer))?;
+            if n == 0 {
+                return Poll::Ready(Ok(()));
+            }
+            self.ahead = Some((buffer, 0, n));
+        }
+        if let Some((buffer, start, end)) = &mut self.ahead {
+            let n = (*end - *start).min(buf.remaining());
+            buf.put_slice(&buffer[*start..*start + n]);
+            *start += n;
+            if start == end {
+                self.ahead = None;
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
 }
 
 impl AsyncRead for RecordBoundedIo {
@@ -544,9 +581,7 @@ impl AsyncRead for RecordBoundedIo {
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
         if !this.bounded {
-            let n = ready!(poll_try_read(&this.socket, cx, buf.initialize_unfilled()))?;
-            buf.advance(n);
-            return Poll::Ready(Ok(()));
+            return this.poll_read_ahead(cx, buf);
         }
         let limit = if this.body_left > 0 {
             this.body_left

@@ -62,6 +62,14 @@ pub struct PooledBuffer {
     pool: Arc<BufferPool>,
 }
 
+impl std::fmt::Debug for PooledBuffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PooledBuffer")
+            .field("len", &self.len())
+            .finish()
+    }
+}
+
 impl std::ops::Deref for PooledBuffer {
     type Target = [u8];
     fn deref(&self) -> &[u8] {

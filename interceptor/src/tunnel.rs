@@ -398,7 +398,7 @@ async fn outbound_inner(
         let connector = TlsConnector::from(Arc::clone(&local.tls().client));
         let server_name = ServerName::IpAddress(IpAddr::V4(*dst.ip()).into());
         let ulp = prepare_offload(shared, &socket);
-        let io = RecordBoundedIo::new(socket.clone(), ulp);
+        let io = RecordBoundedIo::new(socket.clone(), ulp, Arc::clone(&shared.pool));
         let mut tls =
             connector
                 .connect(server_name, io)
@@ -669,7 +669,7 @@ async fn inbound_inner(
     let acceptor = TlsAcceptor::from(Arc::clone(&local.tls().server));
     let peer_addr = tunnel_socket.0.peer_addr().map_err(Error::Socket)?;
     let ulp = prepare_offload(shared, tunnel_socket);
-    let io = RecordBoundedIo::new(tunnel_socket.clone(), ulp);
+    let io = RecordBoundedIo::new(tunnel_socket.clone(), ulp, Arc::clone(&shared.pool));
     let (mut tls, dst) = tokio::time::timeout(timeout, async {
         let mut tls = acceptor
             .accept(io)
