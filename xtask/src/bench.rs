@@ -22,10 +22,13 @@
 //! misses its target.
 
 mod chart;
+mod markdown;
 mod measure;
-mod report;
+mod results;
+mod rows;
 mod stats;
 mod sys;
+mod targets;
 mod testbed;
 mod workloads;
 
@@ -37,8 +40,10 @@ use anyhow::{bail, Context as _};
 use interceptor_tests::require_privileges;
 use serde::Serialize;
 
-use report::{ModeResults, Row, TargetCheck};
+use results::ModeResults;
+use rows::Row;
 use sys::{Machine, NofileLimit};
+use targets::TargetCheck;
 use testbed::{Mode, Testbed};
 
 #[derive(clap::Args)]
@@ -236,9 +241,9 @@ pub fn run(root: &Path, options: &Options) -> anyhow::Result<()> {
     progress("removing the islands");
     drop(testbeds);
 
-    let rows = report::rows(&results);
-    let targets = report::targets(&rows);
-    let markdown = report::markdown(&results, &rows, &targets);
+    let rows = rows::rows(&results);
+    let targets = targets::targets(&rows);
+    let markdown = markdown::markdown(&results, &rows, &targets);
     let record = Record {
         date_utc,
         command: format!(

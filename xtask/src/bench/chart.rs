@@ -11,7 +11,8 @@ use anyhow::Context as _;
 use plotters::prelude::*;
 use plotters::style::FontStyle;
 
-use super::report::{number, Row};
+use super::markdown::number;
+use super::rows::Row;
 use super::testbed::Mode;
 
 /// Fonts tried in order; the first that parses is used.

@@ -9,7 +9,8 @@ use std::path::Path;
 
 use anyhow::Context as _;
 
-use super::report::{idle_connections, Failure, ModeResults, Workload};
+use super::results::{Failure, ModeResults, Workload};
+use super::rows::idle_connections;
 use super::testbed::{Mode, Pair, Testbed};
 use super::{progress, workloads, Settings};
 
