@@ -19,6 +19,8 @@ APT_PACKAGES=(
   iptables
   # Bulk throughput in `cargo xtask bench`.
   iperf3
+  # The bench chart's text font.
+  fonts-dejavu-core
 )
 
 log() { echo "setup: $*" >&2; }

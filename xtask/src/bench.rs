@@ -62,6 +62,29 @@ pub struct Options {
     /// is always measured, because every other figure is compared with it.
     #[arg(long = "mode", value_enum, value_delimiter = ',')]
     modes: Vec<Mode>,
+    /// Use the debug binaries (`target/debug`) instead of building release ones. For
+    /// `cargo xtask test`, which runs `--quick` this way to keep the harness working;
+    /// the figures then say nothing about what the mesh costs.
+    #[arg(long)]
+    debug_build: bool,
+}
+
+impl Options {
+    /// The quick run over the debug binaries that `cargo xtask test` makes.
+    pub fn harness_check() -> Self {
+        Self {
+            quick: true,
+            runs: None,
+            rate: 1000.0,
+            modes: Vec::new(),
+            debug_build: true,
+        }
+    }
+
+    /// Whether the bench needs a release build first.
+    pub fn needs_release_build(&self) -> bool {
+        !self.debug_build
+    }
 }
 
 /// Durations and counts of one bench run.
@@ -169,13 +192,21 @@ fn progress(message: impl std::fmt::Display) {
     eprintln!("bench: {message}");
 }
 
-/// Runs the bench with the release binaries already built under `root/target/release`.
+/// Runs the bench with the binaries already built under `root/target/release` (or
+/// `target/debug` with `--debug-build`).
 pub fn run(root: &Path, options: &Options) -> anyhow::Result<()> {
     let started = Instant::now();
     let date_utc = utc_now();
     let mut settings = Settings::new(options)?;
     let out_dir = root.join("target/bench");
-    let release_dir = root.join("target/release");
+    let release_dir = root.join(if options.debug_build {
+        "target/debug"
+    } else {
+        "target/release"
+    });
+    if options.debug_build {
+        progress("using the debug binaries: this run checks the harness, its figures say nothing about cost");
+    }
     // Mesh and SidecarMesh start the binaries found through INTERCEPTOR_TARGET_DIR. No
     // other thread runs yet, so setting the variable races with nothing.
     std::env::set_var("INTERCEPTOR_TARGET_DIR", &release_dir);

@@ -4,7 +4,8 @@
 //!   that ships `core` for `bpfel-unknown-none`).
 //! - `demo`: the main job on the embedded default topology (see `demo.rs`).
 //! - `test`: unit tests and the privileged end-to-end tests, on the host and then in
-//!   the kTLS guest (`--skip-guest` skips the guest outside CI).
+//!   the kTLS guest (`--skip-guest` skips the guest outside CI), then a quick bench over
+//!   the debug binaries to check the bench harness.
 //! - `ktls-guest`: only the tests in the kTLS guest, a QEMU guest with Debian's stock
 //!   kernel (see `ktls_guest.rs`).
 //! - `bench`: what the mesh costs against plain TCP, with release builds (see `bench.rs`).
@@ -100,19 +101,21 @@ fn main() -> anyhow::Result<()> {
             let mut stages = Stages::new();
             stages.run("setup", || setup(&root))?;
             stages.run("build eBPF", || build_ebpf(&root))?;
-            stages.run("build release", || {
-                cargo(
-                    &root,
-                    &[
-                        "build",
-                        "--release",
-                        "--workspace",
-                        "--exclude",
-                        "interceptor-ebpf",
-                        "--bins",
-                    ],
-                )
-            })?;
+            if options.needs_release_build() {
+                stages.run("build release", || {
+                    cargo(
+                        &root,
+                        &[
+                            "build",
+                            "--release",
+                            "--workspace",
+                            "--exclude",
+                            "interceptor-ebpf",
+                            "--bins",
+                        ],
+                    )
+                })?;
+            }
             let result = stages.run("bench", || bench::run(&root, &options));
             stages.print();
             result
@@ -149,7 +152,14 @@ fn main() -> anyhow::Result<()> {
             test_args.extend(args.iter().map(String::as_str));
             let result = stages
                 .run("tests", || cargo(&root, &test_args))
-                .and_then(|()| ktls_guest::run_stage(&mut stages, &root, &args, skip_guest));
+                .and_then(|()| ktls_guest::run_stage(&mut stages, &root, &args, skip_guest))
+                // The quick bench keeps the harness from rotting; it fails on harness
+                // errors and broken mesh paths, never on noise or missed targets.
+                .and_then(|()| {
+                    stages.run("bench --quick", || {
+                        bench::run(&root, &bench::Options::harness_check())
+                    })
+                });
             stages.print();
             result
         }
