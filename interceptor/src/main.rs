@@ -135,9 +135,44 @@ fn runtime(netns: Option<&Path>, worker_threads: usize) -> anyhow::Result<Runtim
         netns::enter(netns)
             .with_context(|| format!("entering network namespace {}", netns.display()))?;
     }
+    raise_open_file_limit();
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(worker_threads)
         .enable_all()
         .build()
         .context("starting the async runtime")
+}
+
+/// Raises the soft limit on open files to the hard limit: a proxy holds about two
+/// descriptors per proxied connection (the app's and the tunnel's socket), and the
+/// usual soft limit of 1024 would cap it near 500 connections.
+fn raise_open_file_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `limit` is valid for writes of a `rlimit`.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "reading the open-file limit failed");
+        return;
+    }
+    if limit.rlim_cur >= limit.rlim_max {
+        tracing::info!(
+            limit = limit.rlim_cur,
+            "open-file limit already at its hard limit"
+        );
+        return;
+    }
+    let before = limit.rlim_cur;
+    limit.rlim_cur = limit.rlim_max;
+    // SAFETY: `limit` is a valid `rlimit` for reads.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "raising the open-file limit failed");
+        return;
+    }
+    tracing::info!(
+        from = before,
+        to = limit.rlim_max,
+        "raised the open-file limit to its hard limit"
+    );
 }
