@@ -545,8 +545,8 @@ fn offload(shared: &Shared, ulp: bool, suite: Option<rustls::CipherSuite>) -> Op
     cipher
 }
 
-/// Moves a finished rustls connection into the kernel: takes out the plaintext rustls
-/// already decrypted (at most `max_prefix` bytes are expected, `None` for none), checks
+/// Moves a finished rustls connection into the kernel: takes the plaintext rustls
+/// already decrypted into `prefix` (with `None`, any such plaintext is an error), checks
 /// that rustls stopped at a record boundary, and arms both directions.
 fn hand_over<C>(
     socket: &SharedTcp,
@@ -564,7 +564,12 @@ where
             Ok(0) => break,
             Ok(n) => drained.extend_from_slice(&chunk[..n]),
             Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => break,
-            Err(error) => return Err(Error::Send(error)),
+            Err(source) => {
+                return Err(Error::Relay(relay::Error::Read {
+                    side: "tunnel",
+                    source,
+                }))
+            }
         }
     }
     match prefix {

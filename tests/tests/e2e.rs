@@ -278,11 +278,19 @@ fn non_enrolled_pods_and_passthrough() {
             .any(|l| l.contains("mode=\"passthrough\"") || l.contains("mode=passthrough")),
         "log:\n{log}"
     );
-    let sources = server.accepted();
-    assert!(
+    // The server's output is collected by a thread, so its accept line may lag a little.
+    let from_enrolled = |sources: &[String]| {
         sources
             .iter()
-            .any(|s| s.starts_with(&format!("{}:", enrolled_client.ip))),
+            .any(|s| s.starts_with(&format!("{}:", enrolled_client.ip)))
+    };
+    let deadline = Instant::now() + scaled(Duration::from_secs(5));
+    while !from_enrolled(&server.accepted()) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let sources = server.accepted();
+    assert!(
+        from_enrolled(&sources),
         "passthrough should come from the enrolled pod's address: {sources:?}"
     );
 }
@@ -446,7 +454,7 @@ fn expected_tls_field() -> &'static str {
 
 /// Reads the kernel TLS counters of `pod`'s namespace (`/proc/net/tls_stat`); empty
 /// when the kernel has no TLS module loaded.
-fn tls_stat(island: &Island, pod: &Pod) -> std::collections::HashMap<String, u64> {
+fn tls_stat(pod: &Pod) -> std::collections::HashMap<String, u64> {
     let mut command = std::process::Command::new("cat");
     command
         .arg("/proc/net/tls_stat")
@@ -515,7 +523,7 @@ fn transfers_of_every_size_arrive_intact() {
     if expect_ktls() {
         // The counters of both pods' namespaces count the offloaded sockets.
         for pod in [client_pod, server_pod] {
-            let stat = tls_stat(&setup.island, pod);
+            let stat = tls_stat(pod);
             for counter in ["TlsTxSw", "TlsRxSw"] {
                 let value = stat.get(counter).copied().unwrap_or(0);
                 assert!(

@@ -171,7 +171,9 @@ pub fn run_demo(root: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("starting {}", root.join("scripts/ktls-vm-run.sh").display()))?;
     match status.code() {
         Some(0) => Ok(()),
-        Some(EXIT_VM_FAILED) => bail!(cannot_start("the QEMU guest failed to run (the ktls-vm lines above say why)")),
+        Some(EXIT_VM_FAILED) => bail!(cannot_start(
+            "the QEMU guest failed to run (the ktls-vm lines above say why)"
+        )),
         _ => bail!("the demo failed in the kTLS guest ({status})"),
     }
 }
