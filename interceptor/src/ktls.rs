@@ -111,7 +111,7 @@ impl Cipher {
     }
 }
 
-/// Which tunnels may be offloaded, given what the kernel can do.
+/// Policy on which tunnels may be offloaded, given what the kernel can do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RekeyPolicy {
     /// The kernel cannot install a new key after a KeyUpdate: offload only suites whose
@@ -127,12 +127,12 @@ impl RekeyPolicy {
     }
 }
 
-/// What the running kernel supports, probed once at start.
+/// Kernel TLS support of the running kernel, probed once at start.
 #[derive(Clone, Debug)]
 pub struct Support {
     /// Ciphers the kernel encrypted and decrypted correctly in the probe.
     pub ciphers: Vec<Cipher>,
-    /// Why kernel TLS cannot be used at all, when `ciphers` is empty.
+    /// Reason kernel TLS cannot be used at all, when `ciphers` is empty.
     pub unavailable: Option<String>,
     pub policy: RekeyPolicy,
     /// Whether `splice` out of a kTLS receive socket returned the decrypted bytes.

@@ -222,39 +222,48 @@ impl Shared {
 
 /// Accepts the redirected connections of `local`'s apps, forever.
 pub async fn serve_outbound(listener: TcpListener, local: Arc<LocalWorkload>, shared: Arc<Shared>) {
-    loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(error) => {
-                warn!(workload = %local.workload.name, %error, "accepting on the outbound listener failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let id = shared.next_id();
-        let span =
-            info_span!("conn", id, dir = "outbound", workload = %local.workload.name, src = %peer);
-        tokio::spawn(
-            outbound(stream, peer, Arc::clone(&local), Arc::clone(&shared)).instrument(span),
-        );
-    }
+    accept_loop(listener, local, shared, "outbound", outbound).await
 }
 
 /// Accepts tunnel connections for `local`, forever.
 pub async fn serve_tunnel(listener: TcpListener, local: Arc<LocalWorkload>, shared: Arc<Shared>) {
+    accept_loop(
+        listener,
+        local,
+        shared,
+        "inbound",
+        |stream, _peer, local, shared| inbound(stream, local, shared),
+    )
+    .await
+}
+
+/// Accepts on `listener` forever and handles each connection in its own task, inside a
+/// `conn` span with a daemon-wide id. Accept errors (such as running out of
+/// descriptors) are logged and retried after a pause.
+async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    local: Arc<LocalWorkload>,
+    shared: Arc<Shared>,
+    dir: &'static str,
+    handle: F,
+) where
+    F: Fn(TcpStream, SocketAddr, Arc<LocalWorkload>, Arc<Shared>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(error) => {
-                warn!(workload = %local.workload.name, %error, "accepting on the tunnel listener failed");
+                warn!(workload = %local.workload.name, dir, %error, "accepting a connection failed");
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
         };
         let id = shared.next_id();
-        let span =
-            info_span!("conn", id, dir = "inbound", workload = %local.workload.name, src = %peer);
-        tokio::spawn(inbound(stream, Arc::clone(&local), Arc::clone(&shared)).instrument(span));
+        let span = info_span!("conn", id, dir, workload = %local.workload.name, src = %peer);
+        tokio::spawn(
+            handle(stream, peer, Arc::clone(&local), Arc::clone(&shared)).instrument(span),
+        );
     }
 }
 
