@@ -438,11 +438,6 @@ fn expect_ktls() -> bool {
     std::env::var("INTERCEPTOR_EXPECT_KTLS").as_deref() == Ok("1")
 }
 
-/// Whether the tests run in the emulated guest, which is 10 to 13 times slower.
-fn in_guest() -> bool {
-    std::env::var("INTERCEPTOR_GUEST").as_deref() == Ok("1")
-}
-
 /// The `tls=` field every tunnelled close event must carry on this kernel.
 fn expected_tls_field() -> &'static str {
     if expect_ktls() {
@@ -552,9 +547,8 @@ fn first_bytes_after_handshake_are_not_lost() {
     let _server = PeerServer::start(&setup.island, server_pod, &["echo", "0.0.0.0:8080"])
         .expect("starting the server");
     let dst = format!("{}:8080", server_pod.ip);
-    // The emulated guest runs about ten times slower, so it runs a fifth of the
-    // connections.
-    let connections = if in_guest() { 200 } else { 1000 };
+    // A thousand connections, each sending its first bytes right behind the preamble.
+    let connections = 1000;
     let repeat = connections.to_string();
     let (result, _) = client(
         &setup,
