@@ -41,8 +41,12 @@ pub(crate) const POOLED_BUFFERS: usize = 256;
 pub enum Error {
     #[error(transparent)]
     Directory(#[from] crate::workloads::Error),
-    #[error("node {node:?} not found in the workload directory {path}")]
-    UnknownNode { node: String, path: PathBuf },
+    #[error("node {node:?} not found in the workload directory {path}; its nodes are: {known}")]
+    UnknownNode {
+        node: String,
+        path: PathBuf,
+        known: String,
+    },
     #[error("loading the CA failed")]
     Ca {
         path: PathBuf,
@@ -64,7 +68,7 @@ pub enum Error {
         cgroup: String,
         node_cgroup: PathBuf,
     },
-    #[error("workload {workload}: {source}")]
+    #[error("workload {workload}: setting up its network namespace failed")]
     Netns {
         workload: String,
         #[source]
@@ -107,6 +111,7 @@ pub async fn run(config: RunConfig) -> Result<(), Error> {
         .ok_or_else(|| Error::UnknownNode {
             node: config.node.clone(),
             path: config.config.clone(),
+            known: known_nodes(&directory),
         })?
         .clone();
     let ca = load_ca(&config, &directory)?;
@@ -213,6 +218,12 @@ pub async fn run(config: RunConfig) -> Result<(), Error> {
         "daemon stopping; the eBPF programs stay attached, so enrolled pods' connects fail until a daemon is back (`interceptor uninstall` removes them)"
     );
     Ok(())
+}
+
+/// Returns the names of the directory's nodes, for an error about an unknown one.
+pub(crate) fn known_nodes(directory: &Directory) -> String {
+    let names: Vec<&str> = directory.nodes.iter().map(|n| n.name.as_str()).collect();
+    names.join(", ")
 }
 
 /// Loads the CA from `--ca-dir` and checks that it signs for the directory's trust

@@ -47,7 +47,7 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
-    #[error("cgroup {path} not found: create the node's cgroup before starting the daemon")]
+    #[error("cgroup {path} not found: create the node's cgroup and its pods' cgroups (named in the workload directory) before starting the daemon")]
     MissingCgroup {
         path: PathBuf,
         #[source]

@@ -58,7 +58,7 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
-    #[error("CA file {path} already exists and is never overwritten")]
+    #[error("CA file {path} already exists and is never overwritten: use the existing CA, or remove its files or choose another --dir to create a new one")]
     CaExists { path: PathBuf },
     #[error("writing {path} failed")]
     Write {

@@ -102,7 +102,7 @@ fn execute(command: Command) -> anyhow::Result<()> {
         } => {
             let trust_domain = trust_domain
                 .parse::<identity::TrustDomain>()
-                .with_context(|| format!("invalid --trust-domain {trust_domain:?}"))?;
+                .context("invalid --trust-domain")?;
             identity::CertificateAuthority::init(&dir, &trust_domain)
                 .with_context(|| format!("creating a CA in {}", dir.display()))?;
             tracing::info!(dir = %dir.display(), %trust_domain, "created CA");

@@ -238,6 +238,7 @@ fn load_workload(config: &SidecarConfig) -> Result<(Directory, Workload), Error>
         return Err(daemon::Error::UnknownNode {
             node: node.clone(),
             path: path.clone(),
+            known: daemon::known_nodes(&directory),
         }
         .into());
     }
