@@ -137,7 +137,7 @@ impl Metrics {
     }
 }
 
-/// Longest request head the endpoint reads.
+/// Maximum length of a request head the endpoint reads.
 const MAX_REQUEST: usize = 4096;
 
 /// Serves the admin endpoint on `listener` forever.

@@ -671,7 +671,7 @@ impl KtlsStream {
     }
 }
 
-/// What one `recvmsg` on a kTLS socket returned.
+/// Result of one `recvmsg` on a kTLS socket.
 enum Received {
     Data(usize),
     /// The TCP stream ended without a TLS `close_notify`.

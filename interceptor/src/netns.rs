@@ -148,7 +148,7 @@ impl Netns {
         })
     }
 
-    /// The namespace's cookie.
+    /// Returns the namespace's cookie.
     pub fn cookie(&self) -> u64 {
         self.cookie
     }

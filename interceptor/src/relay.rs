@@ -184,7 +184,7 @@ pub fn set_reset_on_close(fd: RawFd) {
     }
 }
 
-/// How one direction of a relay ended, when it did not end cleanly.
+/// Failure that ended one direction of a relay.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("reading from the {side} failed")]

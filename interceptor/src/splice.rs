@@ -87,7 +87,7 @@ impl PipePool {
     }
 }
 
-/// One `splice` call without blocking.
+/// Calls `splice` once without blocking.
 fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     // SAFETY: plain system call on descriptors the caller keeps open; null offsets
     // mean the file positions of the pipe and socket, which have none.
@@ -115,7 +115,7 @@ pub struct Source<'a> {
     pub ktls: bool,
 }
 
-/// How one round of splicing ended.
+/// End of one round of splicing.
 enum Round {
     /// The source would block: wait until it is readable.
     Again,
@@ -124,7 +124,7 @@ enum Round {
 }
 
 /// Moves bytes from `from` to `to` until `from` ends, then shuts `to`'s write side
-/// down; when `to_ktls` is set, `to` is a kTLS socket and gets a TLS `close_notify`
+/// down. When `to_ktls` is set, `to` is a kTLS socket and gets a TLS `close_notify`
 /// first.
 pub async fn pump(
     from: Source<'_>,

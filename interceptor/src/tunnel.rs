@@ -115,7 +115,7 @@ impl LocalWorkload {
     }
 }
 
-/// Where the original destination of an outbound connection comes from.
+/// Source of the original destination of an outbound connection.
 #[derive(Debug)]
 pub enum OrigDstSource {
     /// The eBPF connect hooks' map, keyed by the namespace cookie and the app socket's
@@ -189,7 +189,7 @@ pub struct Shared {
     pub pipes: Arc<PipePool>,
     /// Counters of closed connections, served by the admin endpoint.
     pub metrics: Arc<Metrics>,
-    /// What kernel TLS can carry here; tunnels are offloaded per connection when their
+    /// Kernel TLS support here. Tunnels are offloaded per connection when their
     /// negotiated suite allows it.
     pub ktls: ktls::Support,
     next_id: AtomicU64,
@@ -267,7 +267,7 @@ async fn accept_loop<F, Fut>(
     }
 }
 
-/// What the close event reports about a connection.
+/// Facts about a connection that its close event reports.
 #[derive(Default)]
 struct Summary {
     /// "outbound" for this node's apps connecting out, "inbound" for tunnels arriving.
@@ -279,12 +279,12 @@ struct Summary {
     /// The destination workload's identity, authenticated on the outbound side.
     dst_identity: Option<SpiffeId>,
     mode: &'static str,
-    /// What encrypted the tunnel's bytes: "userspace" (rustls), or "none" for
+    /// Encryption of the tunnel's bytes: "userspace" (rustls), or "none" for
     /// passthrough.
     tls: &'static str,
     /// The cipher kernel TLS runs, when it carries the tunnel.
     cipher: Option<&'static str>,
-    /// How the daemon moves the bytes: "copy" through its memory, or "splice".
+    /// Path of the bytes through the daemon: "copy" through its memory, or "splice".
     relay: &'static str,
     moved: Transferred,
 }
@@ -778,7 +778,7 @@ fn connect_status(error: &Error) -> Status {
     }
 }
 
-/// Sends a failure status and closes the TLS stream cleanly; errors are ignored because
+/// Sends a failure status and closes the TLS stream cleanly. Errors are ignored, because
 /// the connection ends either way and its close event carries the cause.
 async fn send_final_status<S: tokio::io::AsyncWrite + Unpin>(tls: &mut S, status: Status) {
     let _ = tls.write_all(&status.encode()).await;
