@@ -8,6 +8,7 @@ pub mod ebpf;
 pub mod identity;
 pub mod ktls;
 pub mod netns;
+pub mod policy;
 pub mod protocol;
 pub mod relay;
 pub mod sidecar;
