@@ -5,9 +5,10 @@
 //! one connection, and [`PolicyStore`] with [`PolicyWatcher`] swap in new policies while
 //! the daemon runs. `docs/policy.md` lists the supported fields and what is rejected.
 //!
-//! The decision follows Istio's order: a matching enforced DENY policy denies; otherwise,
-//! when enforced ALLOW policies apply to the destination workload, one of them must match;
-//! otherwise the connection is allowed. Dry-run policies never change the decision.
+//! The decision follows Istio's order. A matching enforced DENY policy denies. Otherwise,
+//! when enforced ALLOW policies apply to the destination workload, one of them must match.
+//! A workload that no ALLOW policy applies to accepts every connection that no DENY policy
+//! matched. Dry-run policies never change the decision.
 
 mod load;
 mod store;
@@ -133,7 +134,7 @@ pub struct Verdict {
     pub decision: Decision,
     /// `namespace/name` of the enforced policy that decided, or `None` when none matched:
     /// either no ALLOW policy applies to the destination (allowed) or none of those that
-    /// apply matched (denied). `reason` tells these cases apart.
+    /// apply matched (denied). `reason` distinguishes these cases.
     pub policy: Option<String>,
     pub reason: Reason,
     /// Dry-run policies that apply to the destination and would have had an effect, for

@@ -34,7 +34,7 @@ pub(super) fn load_path(path: &Path) -> Result<Vec<Policy>, Error> {
     Ok(policies)
 }
 
-/// Lists the files that `path` stands for: itself, or for a directory its `*.yaml` and
+/// Lists the policy files at `path`: the file itself, or for a directory its `*.yaml` and
 /// `*.yml` files in name order, without dot files and subdirectories.
 pub(super) fn policy_files(path: &Path) -> Result<Vec<PathBuf>, Error> {
     let metadata = fs::metadata(path).map_err(|source| Error::Read {
@@ -397,8 +397,9 @@ fn reject_l7(fields: &[(&str, bool)], field: &str, reason: &str) -> Result<(), F
     }
 }
 
-/// Rejects an empty list: in Istio it would mean "not set", which reads as the opposite of
-/// what `ports: []` seems to say.
+/// Rejects an empty list. Istio treats it as "not set", the opposite of what a reader
+/// expects from `ports: []`, and its own validation rejects a source or operation left
+/// without any field.
 fn non_empty(values: Values, negated: bool, field: &str) -> Result<Condition, FieldError> {
     let empty = match &values {
         Values::Principals(v) | Values::Namespaces(v) => v.is_empty(),
@@ -469,9 +470,9 @@ fn parse_namespace(value: &PortOrString) -> Result<StringMatch, String> {
 
 /// Splits Istio's wildcard forms. `spiffe://` is dropped so that both principal forms
 /// compare alike.
-fn parse_pattern(text: &str, what: &str) -> Result<StringMatch, String> {
+fn parse_pattern(text: &str, kind: &str) -> Result<StringMatch, String> {
     let body = text.strip_prefix(SPIFFE_SCHEME_PREFIX).unwrap_or(text);
-    let invalid = |reason: &str| format!("invalid {what} {text:?}: {reason}");
+    let invalid = |reason: &str| format!("invalid {kind} {text:?}: {reason}");
     if body.is_empty() {
         return Err(invalid("must not be empty"));
     }
@@ -504,6 +505,7 @@ fn parse_ip_block(value: &PortOrString) -> Result<IpNet, String> {
     if let Ok(addr) = text.parse::<IpAddr>() {
         return Ok(IpNet::from(addr.to_canonical()));
     }
+
     let invalid = |reason: &str| format!("invalid CIDR {text:?}: {reason}");
     let (addr, prefix_len) = text
         .split_once('/')
@@ -522,16 +524,20 @@ fn parse_ip_block(value: &PortOrString) -> Result<IpNet, String> {
             ))
         })?;
     let block = IpNet::new(addr, prefix_len).map_err(|e| invalid(&e.to_string()))?;
-    // An IPv4-mapped block such as `::ffff:10.0.0.0/104` is turned into IPv4, since
-    // sources are compared in canonical form.
-    let block = match block {
-        IpNet::V6(v6) => match (v6.addr().to_ipv4_mapped(), v6.prefix_len().checked_sub(96)) {
-            (Some(v4), Some(len)) => IpNet::new(IpAddr::V4(v4), len).map_err(|e| e.to_string())?,
-            _ => IpNet::V6(v6),
-        },
-        v4 => v4,
-    };
-    Ok(block.trunc())
+
+    Ok(canonical_block(block).trunc())
+}
+
+/// Turns an IPv4-mapped IPv6 block such as `::ffff:10.0.0.0/104` into IPv4, because
+/// sources are compared in canonical form. Other blocks are returned as they are.
+fn canonical_block(block: IpNet) -> IpNet {
+    let IpNet::V6(v6) = block else { return block };
+    let mapped = v6.addr().to_ipv4_mapped();
+    let v4_len = v6.prefix_len().checked_sub(96);
+    match (mapped, v4_len) {
+        (Some(v4), Some(len)) => IpNet::new(IpAddr::V4(v4), len).unwrap_or(block),
+        _ => block,
+    }
 }
 
 fn parse_port(value: &PortOrString) -> Result<u16, String> {
@@ -548,8 +554,8 @@ fn parse_port(value: &PortOrString) -> Result<u16, String> {
         .ok_or_else(|| format!("invalid port {value}: must be from 1 to 65535"))
 }
 
-/// A list element. Istio's schema says string everywhere, but a bare number is accepted so
-/// that `ports: [8080]` works; for other fields a number is an error.
+/// A list element. Istio's schema types every element as a string, but a bare number is
+/// accepted so that `ports: [8080]` works. For other fields a number is an error.
 #[derive(Clone, Debug)]
 enum PortOrString {
     Number(i64),
@@ -587,10 +593,10 @@ impl<'de> Deserialize<'de> for PortOrString {
 }
 
 impl PortOrString {
-    fn as_text(&self, what: &str) -> Result<&str, String> {
+    fn as_text(&self, kind: &str) -> Result<&str, String> {
         match self {
             Self::Text(text) => Ok(text),
-            Self::Number(number) => Err(format!("invalid {what} {number}: expected a string")),
+            Self::Number(number) => Err(format!("invalid {kind} {number}: expected a string")),
         }
     }
 }

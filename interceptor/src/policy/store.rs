@@ -1,4 +1,4 @@
-//! Swapping policies while the daemon runs: [`PolicyStore`] holds the current set, and
+//! Swapping policies while the daemon runs: [`PolicyStore`] contains the current set, and
 //! [`PolicyWatcher`] reloads it when the policy files change.
 
 use std::fs;
@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use super::{load, Error, Policies};
 
@@ -43,7 +43,7 @@ impl PolicyStore {
         self.generation.send_modify(|generation| *generation += 1);
     }
 
-    /// Returns a receiver that sees the generation number change on every replacement.
+    /// Returns a receiver of the generation number, which changes on every replacement.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.generation.subscribe()
     }
@@ -54,7 +54,7 @@ impl PolicyStore {
 pub enum Reload {
     /// No file changed since the last poll.
     Unchanged,
-    /// Files changed, and the store now holds this many policies.
+    /// Files changed, and the store now contains this many policies.
     Reloaded { count: usize },
     /// Files changed but do not load; the store keeps the previous policies.
     Failed(Error),
@@ -63,7 +63,7 @@ pub enum Reload {
 /// Polls the modification times of a policy file, or of a directory and its policy files,
 /// and reloads the [`PolicyStore`] when they change.
 ///
-/// Polling needs no inotify support and sees Kubernetes ConfigMap updates, which swap a
+/// Polling needs no inotify support and detects Kubernetes ConfigMap updates, which swap a
 /// symlink. A change within the file system's timestamp granularity that also keeps the
 /// size goes unnoticed until the next change.
 #[derive(Debug)]
@@ -129,15 +129,31 @@ impl PolicyWatcher {
         }
     }
 
-    /// Polls every `interval` until the task is dropped or aborted.
-    pub async fn run(mut self, interval: Duration) {
+    /// Polls every `interval` until the future is dropped or its task aborted. Each poll
+    /// runs on the blocking thread pool because it reads files.
+    pub async fn run(self, interval: Duration) {
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // The first tick completes at once, and the policies were just loaded.
         ticker.tick().await;
+
+        let mut watcher = self;
         loop {
             ticker.tick().await;
-            self.poll();
+            let poll = tokio::task::spawn_blocking(move || {
+                watcher.poll();
+                watcher
+            });
+            watcher = match poll.await {
+                Ok(watcher) => watcher,
+                Err(error) => {
+                    error!(
+                        error = &error as &dyn std::error::Error,
+                        "policy watcher failed, reloading stopped"
+                    );
+                    return;
+                }
+            };
         }
     }
 }

@@ -341,6 +341,11 @@ fn evaluate_addresses_and_ports() {
         "not-port",
         r#"{action: DENY, rules: [{to: [{operation: {notPorts: ["8080"]}}]}]}"#,
     );
+    let allow_mapped = policy(
+        "server",
+        "mapped",
+        r#"{rules: [{from: [{source: {ipBlocks: ["::ffff:10.0.0.0/104", "192.168.7.9/16"]}}]}]}"#,
+    );
     let at = |ip: &'static str, port: u16| Connection {
         ip,
         port,
@@ -379,6 +384,19 @@ fn evaluate_addresses_and_ports() {
             ),
             no_allow_matched("IPv6 outside", allow_v6.clone(), at("2001:db8::2", 8080)),
             no_allow_matched("IPv4 against IPv6 block", allow_v6, at("10.0.0.5", 8080)),
+            allowed_by(
+                "IPv4-mapped block",
+                allow_mapped.clone(),
+                at("10.9.9.9", 8080),
+                "server/mapped",
+            ),
+            allowed_by(
+                "host bits cleared",
+                allow_mapped.clone(),
+                at("192.168.200.1", 8080),
+                "server/mapped",
+            ),
+            no_allow_matched("mapped block mismatch", allow_mapped, at("11.0.0.1", 8080)),
             allowed_by(
                 "remote address",
                 allow_remote.clone(),
@@ -1047,6 +1065,45 @@ status: {}
 ";
     let policies = parse(yaml, DEFAULT_ROOT_NAMESPACE);
     assert_eq!(policies.len(), 1);
+}
+
+#[test]
+fn docs_example_loads() {
+    let page = include_str!("../../../docs/policy.md");
+    let yaml = page
+        .split("```yaml\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("docs/policy.md has a YAML example");
+    let policies = parse(yaml, DEFAULT_ROOT_NAMESPACE);
+    assert_eq!(policies.len(), 3);
+
+    let frontend = Connection {
+        identity: Some("spiffe://cluster.local/ns/shop/sa/frontend"),
+        ip: "192.168.1.1",
+        namespace: "shop",
+        labels: &[("app", "api")],
+        port: 8080,
+    };
+    let verdict = frontend.evaluate(&policies);
+    assert_eq!(verdict.decision, Decision::Allow);
+    assert_eq!(verdict.policy.as_deref(), Some("shop/api-from-frontend"));
+    let dry_run = [DryRunMatch {
+        policy: "shop/deny-outside-office".to_owned(),
+        decision: Decision::Deny,
+    }];
+    assert_eq!(verdict.dry_run, dry_run);
+
+    let plaintext = Connection {
+        identity: None,
+        ..frontend
+    };
+    let verdict = plaintext.evaluate(&policies);
+    assert_eq!(verdict.decision, Decision::Deny);
+    assert_eq!(
+        verdict.policy.as_deref(),
+        Some("istio-system/deny-plaintext")
+    );
 }
 
 #[test]
