@@ -96,9 +96,8 @@ pub(super) fn parse_file(text: &str, path: &Path, policies: &mut Vec<Policy>) ->
             invalid(field, message)
         })?;
         let Some(raw) = raw else { continue };
-        let mut policy = compile(raw).map_err(|(field, message)| invalid(field, message))?;
-        policy.path = path.to_owned();
-        policy.document = document_number;
+        let policy = compile(raw, path, document_number)
+            .map_err(|(field, message)| invalid(field, message))?;
 
         if let Some(first) = policies.iter().find(|p| p.id == policy.id) {
             let message = format!(
@@ -117,7 +116,8 @@ pub(super) fn parse_file(text: &str, path: &Path, policies: &mut Vec<Policy>) ->
 /// An invalid field: its path and a message that quotes the bad value.
 type FieldError = (String, String);
 
-fn compile(raw: RawPolicy) -> Result<Policy, FieldError> {
+/// Validates a policy read from `document` of `path`.
+fn compile(raw: RawPolicy, path: &Path, document: usize) -> Result<Policy, FieldError> {
     if !API_VERSIONS.contains(&raw.api_version.as_str()) {
         let message = format!(
             "unsupported apiVersion {:?}, expected one of {API_VERSIONS:?}",
@@ -196,8 +196,8 @@ fn compile(raw: RawPolicy) -> Result<Policy, FieldError> {
         dry_run,
         selector,
         rules,
-        path: PathBuf::new(),
-        document: 0,
+        path: path.to_owned(),
+        document,
     })
 }
 
