@@ -397,9 +397,8 @@ fn reject_l7(fields: &[(&str, bool)], field: &str, reason: &str) -> Result<(), F
     }
 }
 
-/// Rejects an empty list. Istio treats it as "not set", the opposite of what a reader
-/// expects from `ports: []`, and its own validation rejects a source or operation left
-/// without any field.
+/// Rejects an empty list, because Istio treats it as "not set", the opposite of what a
+/// reader expects from `ports: []`.
 fn non_empty(values: Values, negated: bool, field: &str) -> Result<Condition, FieldError> {
     let empty = match &values {
         Values::Principals(v) | Values::Namespaces(v) => v.is_empty(),
