@@ -14,6 +14,9 @@
 //!
 //! - `net.ipv4.tcp_fwmark_accept=1`: the app's accepted socket takes the mark of the
 //!   SYN that created it, so every packet the app sends on it carries the mark;
+//! - `net.ipv4.fwmark_reflect=1`: replies the kernel sends without a socket, such as
+//!   the reset for a port where nothing listens, carry the mark of the packet they
+//!   answer, so the daemon sees "connection refused" at once;
 //! - `ip rule fwmark DELIVERY_MARK lookup DELIVERY_ROUTE_TABLE` with
 //!   `local 0.0.0.0/0 dev lo` in that table: marked packets to any address are
 //!   delivered locally, where the transparent socket takes them.
@@ -117,8 +120,8 @@ fn copy_ports(slots: &mut [u16; MAX_PORTS], ports: &[u16]) {
     }
 }
 
-/// Prepares the pod at `netns` for transparent delivery: `tcp_fwmark_accept` and the
-/// policy route for [`DELIVERY_MARK`]. Idempotent, so a restarted daemon repeats it.
+/// Prepares the pod at `netns` for transparent delivery: `tcp_fwmark_accept`,
+/// `fwmark_reflect` and the policy route for [`DELIVERY_MARK`]. Idempotent, so a restarted daemon repeats it.
 pub fn setup_delivery_routing(netns: &Path) -> Result<(), SetupError> {
     let path = netns.to_owned();
     // setns moves only the calling thread, and children forked from it inherit its
@@ -128,14 +131,14 @@ pub fn setup_delivery_routing(netns: &Path) -> Result<(), SetupError> {
             path: path.clone(),
             source,
         })?;
-        let sysctl = "net.ipv4.tcp_fwmark_accept";
-        std::fs::write("/proc/sys/net/ipv4/tcp_fwmark_accept", "1").map_err(|source| {
-            SetupError::Sysctl {
+        for sysctl in ["net.ipv4.tcp_fwmark_accept", "net.ipv4.fwmark_reflect"] {
+            let file = Path::new("/proc/sys").join(sysctl.replace('.', "/"));
+            std::fs::write(&file, "1").map_err(|source| SetupError::Sysctl {
                 path: path.clone(),
                 sysctl,
                 source,
-            }
-        })?;
+            })?;
+        }
         let mark = format!("{DELIVERY_MARK:#x}");
         let table = DELIVERY_ROUTE_TABLE.to_string();
         // Remove the rules a previous daemon added, so restarts do not stack them.
