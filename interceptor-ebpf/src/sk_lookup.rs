@@ -16,7 +16,7 @@ use crate::maps::{DELIVERY, INBOUND, LISTENERS};
 
 /// Return value that lets the lookup go on (with the assigned socket, if any).
 const SK_PASS: u32 = 1;
-/// Return value that fails the lookup: the kernel answers the SYN with a reset.
+/// Return value that fails the lookup: the kernel replies to the SYN with a reset.
 const SK_DROP: u32 = 0;
 
 const AF_INET: u32 = 2;

@@ -1,6 +1,6 @@
 //! Inbound capture in ambient mode: what the `sk_lookup` program needs to know about
 //! each pod, the plaintext listener it steers non-mesh clients to, and the transparent
-//! delivery that keeps the client's address as the source the app sees.
+//! delivery that keeps the client's address as the source of the app's connection.
 //!
 //! # Delivery with the client's address
 //!

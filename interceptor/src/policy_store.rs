@@ -143,7 +143,7 @@ impl OpenConnections {
         let count = denied.len();
         for (id, verdict) in denied {
             if let Some(open) = entries.remove(&id) {
-                // The connection may have ended since; then nobody needs the signal.
+                // A connection that has ended since no longer reads the signal.
                 let _ = open.cut.send(verdict);
             }
         }

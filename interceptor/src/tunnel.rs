@@ -12,7 +12,7 @@
 //!
 //! Server side ([`serve_tunnel`]): accepts TLS from any workload of the trust domain,
 //! reads the preamble, delivers only to its own pod's IP and never to the daemon's
-//! ports, asks the policies whether the peer may connect, answers with a status and
+//! ports, checks the connection against the policies, answers with a status and
 //! relays. In ambient mode the delivery keeps the client's address as its source
 //! (see [`crate::inbound`]).
 //!
@@ -865,8 +865,8 @@ fn note_verdict(verdict: &Verdict, summary: &mut Summary) {
     summary.dry_run = dry_run.join(",");
 }
 
-/// Runs `relayed` until it ends, or until a policy reload denies the connection, which
-/// drops the relay and returns the verdict; the caller then resets both sockets.
+/// Runs `relayed` until it ends, or until a policy reload denies the connection. Then
+/// the relay is dropped and the verdict returned, and the caller resets both sockets.
 pub(crate) async fn until_cut<F: std::future::Future>(
     registration: &mut Registration,
     relayed: F,

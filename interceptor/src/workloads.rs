@@ -96,8 +96,8 @@ struct WorkloadFile {
     outbound_exclude_cidrs: Vec<String>,
 }
 
-/// How a workload treats inbound plaintext, that is TCP connections from clients
-/// outside the mesh.
+/// Treatment of a workload's inbound plaintext: TCP connections from clients outside
+/// the mesh.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum InboundMode {

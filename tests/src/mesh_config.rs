@@ -29,9 +29,9 @@ pub fn write_mesh_config(
     )
 }
 
-/// TOML lines added to a workload directory: `top` after the trust domain (top-level
-/// keys and tables such as `[namespaces.NAME]`, which go last), and `sections` at the
-/// end of the `[[nodes]]` or `[[workloads]]` entry of the node or pod of that name.
+/// TOML lines added to a workload directory. `top` goes at the end of the file, where
+/// tables such as `[namespaces.NAME]` belong. Each entry of `sections` goes at the end
+/// of the `[[nodes]]` or `[[workloads]]` entry of the node or pod of that name.
 #[derive(Clone, Debug, Default)]
 pub struct DirectoryExtras {
     pub top: String,

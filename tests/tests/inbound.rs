@@ -6,12 +6,14 @@
 //! Every test builds its own island (prefixes starting with `in`, subnets 232 to 239),
 //! so the tests run in parallel with each other and with the other test files.
 
+use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use interceptor_tests::mesh::{mesh_peer_bin, run_peer, scaled, Mesh, PeerServer};
-use interceptor_tests::{require_privileges, spawn_in, DirectoryExtras, Island, IslandSpec};
+use interceptor_tests::mesh::{mesh_peer_bin, run_peer, scaled, spawn_peer, Mesh, PeerServer};
+use interceptor_tests::{require_privileges, spawn_in, DirectoryExtras, Island, IslandSpec, Pod};
 
 /// A running island with a mesh on it. Fields drop in order: the mesh's daemons stop
 /// before the island's namespaces go.
@@ -112,7 +114,7 @@ enum Expect {
     /// The echo (or banner and echo) completes, and the server saw the client's own
     /// address as the peer.
     Delivered,
-    /// The connection is refused (a reset answers the SYN), and the server never
+    /// The connection is refused (a reset in reply to the SYN), and the server never
     /// accepts it.
     Refused,
 }
@@ -129,7 +131,7 @@ struct Case {
 
 const BANNER: &str = "220-server-first";
 
-/// Island `inmode`: node 1 holds the clients, node 2 the servers.
+/// Island `inmode`: the clients run on node 1, the servers on node 2.
 ///
 /// | pod    | enrolled | role                                                        |
 /// | ------ | -------- | ----------------------------------------------------------- |
@@ -641,24 +643,108 @@ fn denied_clients_are_reset() {
         "no denial naming deny-mesh and the source identity:\n{log}"
     );
 
-    // A reloaded file takes effect for new connections without a restart.
+    // A reloaded file takes effect for new connections without a restart, and by
+    // default an open connection that the new file denies keeps running.
+    let server_8084 = &servers[2].1;
+    let dst_8084 = format!("{}:8084", server_pod.ip);
+    let open_8084 = || {
+        let before = server_8084.accepted().len();
+        let held = Held::start(island, island.pod(1, 2), &dst_8084);
+        wait_until("the held connection is accepted", || {
+            server_8084.accepted().len() > before
+        });
+        held
+    };
+    let held = open_8084();
     let plain = island.pod(1, 2).ip;
-    std::fs::write(
-        &policy_path,
-        deny_policy("deny-8084", &format!("ipBlocks: [\"{plain}/32\"]"), 8084),
-    )
-    .expect("rewriting the policy file");
-    let dst = format!("{}:8084", server_pod.ip);
-    let deadline = Instant::now() + scaled(Duration::from_secs(10));
-    loop {
-        let (line, _) = run_from(island, plain_client, &["client", &dst, "--bytes", "1000"]);
-        if line.starts_with("result=reset") {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the reloaded policy never denied: {line:?}"
+    let deny_8084 = deny_policy("deny-8084", &format!("ipBlocks: [\"{plain}/32\"]"), 8084);
+    std::fs::write(&policy_path, &deny_8084).expect("rewriting the policy file");
+    wait_until("the reloaded policy denies new connections", || {
+        let (line, _) = run_from(
+            island,
+            plain_client,
+            &["client", &dst_8084, "--bytes", "10"],
         );
-        std::thread::sleep(Duration::from_millis(200));
+        line.starts_with("result=reset")
+    });
+    assert!(
+        held.lines().is_empty(),
+        "the reload cut an open connection by default: {:?}",
+        held.lines()
+    );
+    drop(held);
+
+    // With --policy-reload-cuts-denied, the reload resets it.
+    let mut mesh = setup.mesh;
+    mesh.stop_daemon(2).expect("stopping the daemon");
+    let allow_8084 = deny_policy("deny-other", "ipBlocks: [\"192.0.2.1/32\"]", 1);
+    std::fs::write(&policy_path, allow_8084).expect("rewriting the policy file");
+    mesh.restart_daemon_with(2, &["--policy-reload-cuts-denied"])
+        .expect("restarting the daemon");
+    let held = open_8084();
+    std::fs::write(&policy_path, &deny_8084).expect("rewriting the policy file");
+    wait_until("the reload cuts the open connection", || {
+        !held.lines().is_empty()
+    });
+    assert!(
+        held.lines()[0].starts_with("result=reset"),
+        "the cut connection did not see a reset: {:?}",
+        held.lines()
+    );
+    let log = mesh.log_when(2, |log| log.contains("default/deny-8084"));
+    assert!(
+        log.lines()
+            .any(|l| l.contains("connection closed")
+                && l.contains("denied by policy default/deny-8084")),
+        "no close event for the cut connection:\n{log}"
+    );
+}
+
+/// Polls `condition` every 100 ms until it holds, for up to 10 s (scaled).
+fn wait_until(what: &str, condition: impl Fn() -> bool) {
+    let deadline = Instant::now() + scaled(Duration::from_secs(10));
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A `mesh-peer hold` client in a pod, with its `result=` line collected when it
+/// comes.
+struct Held {
+    child: std::process::Child,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Held {
+    fn start(island: &Island, pod: &Pod, dst: &str) -> Held {
+        let mut child = spawn_peer(island, pod, &["hold", dst]).expect("starting mesh-peer hold");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let collected = Arc::clone(&lines);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line.starts_with("result=") {
+                    collected
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(line);
+                }
+            }
+        });
+        Held { child, lines }
+    }
+
+    /// Returns the `result=` lines so far, which stay empty while the connection is
+    /// open.
+    fn lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
