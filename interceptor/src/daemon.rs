@@ -132,7 +132,7 @@ pub async fn run(config: RunConfig) -> Result<(), Error> {
     let ca = load_ca(&config, &directory)?;
     let policies = match &config.policies {
         Some(path) => {
-            policy_store::load(path, DEFAULT_ROOT_NAMESPACE).map_err(|source| Error::Policies {
+            Policies::load(path, DEFAULT_ROOT_NAMESPACE).map_err(|source| Error::Policies {
                 path: path.clone(),
                 source,
             })?

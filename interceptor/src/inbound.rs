@@ -230,7 +230,7 @@ impl Delivery {
         };
         self.programs
             .add_delivery(&key)
-            .map_err(|error| Error::Socket(std::io::Error::other(error)))?;
+            .map_err(|error| Error::Delivery(Box::new(error)))?;
         let socket = TcpSocket::from_std_stream(socket.into());
         let connected = socket.connect(dst).await;
         self.programs.remove_delivery(&key);

@@ -16,7 +16,8 @@ use tokio::sync::oneshot;
 use tracing::{info, warn};
 
 use crate::identity::SpiffeId;
-use crate::policy::{self, Decision, Destination, Policies, Request, Source, Verdict};
+use crate::policy::{Decision, Destination, Policies, Request, Source, Verdict};
+use crate::tunnel::ErrorChain;
 
 /// How often the watcher checks the policy files for changes.
 pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
@@ -214,11 +215,6 @@ pub async fn watch(
     }
 }
 
-/// Loads the policies at `path` for the daemon's start.
-pub fn load(path: &Path, root_namespace: &str) -> Result<Policies, policy::Error> {
-    Policies::load(path, root_namespace)
-}
-
 /// Name, modification time and length of each policy file, sorted; a change in any of
 /// them (or a file added or removed) triggers a reload. Unreadable paths give an empty
 /// list, so their return is a change too.
@@ -248,24 +244,10 @@ fn fingerprint(path: &Path) -> Vec<(PathBuf, Option<SystemTime>, u64)> {
     files
 }
 
-/// Formats an error with its sources, `a: b: c`.
-struct ErrorChain<'a>(&'a (dyn std::error::Error + 'static));
-
-impl std::fmt::Display for ErrorChain<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut source = self.0.source();
-        while let Some(error) = source {
-            write!(f, ": {error}")?;
-            source = error.source();
-        }
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy;
 
     fn facts() -> ConnectionFacts {
         ConnectionFacts {

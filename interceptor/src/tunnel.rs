@@ -90,6 +90,8 @@ pub enum Error {
     Ktls(#[source] ktls::Error),
     #[error("denied by policy {policy}")]
     Denied { policy: String },
+    #[error("registering the delivery connection for sk_lookup failed")]
+    Delivery(#[source] Box<crate::ebpf::Error>),
     #[error(transparent)]
     Relay(#[from] relay::Error),
 }
@@ -383,7 +385,7 @@ pub(crate) fn log_close(
 }
 
 /// Formats an error with its sources, `a: b: c`.
-struct ErrorChain<'a>(&'a (dyn std::error::Error + 'static));
+pub(crate) struct ErrorChain<'a>(pub(crate) &'a (dyn std::error::Error + 'static));
 
 impl std::fmt::Display for ErrorChain<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
