@@ -206,6 +206,42 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 mod tests {
     use super::*;
 
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        run: RunConfig,
+    }
+
+    fn parse(extra: &[&str]) -> RunConfig {
+        use clap::Parser as _;
+        let required = [
+            "run", "--config", "m.toml", "--node", "n1", "--ca-dir", "ca",
+        ];
+        Cli::try_parse_from(required.iter().chain(extra))
+            .expect("parse the flags")
+            .run
+    }
+
+    #[test]
+    fn listener_ports_must_differ() {
+        let problems = parse(&["--plaintext-port", "15008"])
+            .validate()
+            .expect_err("two listeners on one port");
+
+        assert_eq!(
+            problems,
+            ["--tunnel-port 15008 and --plaintext-port 15008: must differ"]
+        );
+    }
+
+    #[test]
+    fn plaintext_port_is_reserved() {
+        let config = parse(&["--plaintext-port", "16006"]);
+
+        assert!(config.is_reserved_port(16006));
+        assert!(config.validate().is_ok());
+    }
+
     #[test]
     fn duration_units_parse() {
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));

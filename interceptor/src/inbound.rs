@@ -322,3 +322,73 @@ async fn plaintext_inner(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::identity::{SpiffeId, TrustDomain};
+    use crate::workloads::Ipv4Net;
+
+    fn workload() -> Workload {
+        let trust_domain: TrustDomain = "cluster.local".parse().expect("trust domain");
+        Workload {
+            name: "web".to_owned(),
+            spiffe_id: SpiffeId::new(trust_domain, "default", "web").expect("SPIFFE ID"),
+            node: "n1".to_owned(),
+            ip: Ipv4Addr::new(10, 1, 1, 11),
+            netns: PathBuf::from("/run/netns/web"),
+            cgroup: PathBuf::from("interceptor/n1/web"),
+            labels: BTreeMap::new(),
+            inbound_mode: InboundMode::Strict,
+            probe_ports: vec![8081],
+            inbound_exclude: workloads::Exclusions {
+                ports: vec![9000, 9001],
+                cidrs: vec!["192.168.0.0/16".parse::<Ipv4Net>().expect("CIDR")],
+            },
+            outbound_exclude: workloads::Exclusions::default(),
+        }
+    }
+
+    #[test]
+    fn pod_entry_carries_mode_probe_and_exclusions() {
+        let node = Node {
+            name: "n1".to_owned(),
+            cgroup: PathBuf::from("interceptor/n1"),
+            probe_addr: Some(Ipv4Addr::new(10, 1, 1, 1)),
+        };
+
+        let entry = pod_entry(&workload(), &node, 15008);
+
+        assert_eq!(entry.mode, INBOUND_STRICT);
+        assert_eq!(entry.tunnel_port, 15008);
+        assert_eq!(
+            entry.probe_addr_be,
+            u32::from(Ipv4Addr::new(10, 1, 1, 1)).to_be()
+        );
+        assert_eq!(entry.probe_ports[..2], [8081, 0]);
+        assert_eq!(entry.exclude.ports[..3], [9000, 9001, 0]);
+        assert_eq!(entry.exclude.cidr_count, 1);
+    }
+
+    #[test]
+    fn converted_exclusions_match_as_the_ebpf_program_does() {
+        let value = exclusions(&workload().inbound_exclude);
+        let be = |addr: Ipv4Addr| u32::from(addr).to_be();
+
+        assert!(value.matches(be(Ipv4Addr::new(192, 168, 7, 9)), 8080));
+        assert!(value.matches(be(Ipv4Addr::new(10, 1, 2, 11)), 9001));
+        assert!(!value.matches(be(Ipv4Addr::new(10, 1, 2, 11)), 8080));
+        assert!(!value.matches(be(Ipv4Addr::new(192, 169, 0, 1)), 8080));
+    }
+
+    #[test]
+    fn empty_exclusions_match_nothing() {
+        let value = exclusions(&workloads::Exclusions::default());
+
+        assert!(!value.matches(0, 8080));
+        assert!(!value.matches(u32::MAX, 1));
+    }
+}
