@@ -130,14 +130,18 @@ pub async fn run(config: RunConfig) -> Result<(), Error> {
         })?
         .clone();
     let ca = load_ca(&config, &directory)?;
-    let policies = match &config.policies {
+    let (policies, policy_files) = match &config.policies {
         Some(path) => {
-            Policies::load(path, DEFAULT_ROOT_NAMESPACE).map_err(|source| Error::Policies {
-                path: path.clone(),
-                source,
-            })?
+            let (policies, seen) =
+                policy_store::load(path, DEFAULT_ROOT_NAMESPACE).map_err(|source| {
+                    Error::Policies {
+                        path: path.clone(),
+                        source,
+                    }
+                })?;
+            (policies, Some((path.clone(), seen)))
         }
-        None => Policies::empty(DEFAULT_ROOT_NAMESPACE),
+        None => (Policies::empty(DEFAULT_ROOT_NAMESPACE), None),
     };
 
     let cgroup2 = ebpf::cgroup2_mount()?;
@@ -214,6 +218,7 @@ pub async fn run(config: RunConfig) -> Result<(), Error> {
         cgroup = %node_cgroup.display(),
         pins = %ebpf::pin_dir(&config.bpffs, &node.name).display(),
         workloads = locals.len(),
+        policies = %config.policies.as_deref().map_or("none".into(), Path::to_string_lossy),
         kernel_tls = %ktls.describe(),
         "daemon started"
     );
@@ -232,11 +237,12 @@ pub async fn run(config: RunConfig) -> Result<(), Error> {
     });
     shared.policies = Arc::new(PolicyStore::new(policies));
     let shared = Arc::new(shared);
-    if let Some(path) = &config.policies {
+    if let Some((path, seen)) = policy_files {
         tokio::spawn(policy_store::watch(
             Arc::clone(&shared.policies),
-            path.clone(),
+            path,
             DEFAULT_ROOT_NAMESPACE.to_owned(),
+            seen,
             Arc::clone(&shared.open),
             config.policy_reload_cuts_denied,
         ));

@@ -16,7 +16,7 @@ use tokio::sync::oneshot;
 use tracing::{info, warn};
 
 use crate::identity::SpiffeId;
-use crate::policy::{Decision, Destination, Policies, Request, Source, Verdict};
+use crate::policy::{self, Decision, Destination, Policies, Request, Source, Verdict};
 use crate::tunnel::ErrorChain;
 
 /// How often the watcher checks the policy files for changes.
@@ -179,18 +179,31 @@ impl Drop for Registration {
     }
 }
 
+/// Name, modification time and length of each policy file, sorted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fingerprint(Vec<(PathBuf, Option<SystemTime>, u64)>);
+
+/// Loads the policies at `path` for the daemon's start, with the fingerprint of the
+/// files to hand to [`watch`]. The fingerprint is taken first, so a change during the
+/// load is seen as a change.
+pub fn load(path: &Path, root_namespace: &str) -> Result<(Policies, Fingerprint), policy::Error> {
+    let seen = fingerprint(path);
+    let policies = Policies::load(path, root_namespace)?;
+    Ok((policies, seen))
+}
+
 /// Polls the policy files at `path` every [`POLL_INTERVAL`] and swaps in a new set when
-/// they change. An invalid set is logged with its file, field and value, and the
-/// previous one stays in force. With `cut_denied`, open connections that a new set
-/// denies are reset. Runs forever.
+/// their fingerprint differs from `seen`. An invalid set is logged with its file, field
+/// and value, and the previous one stays in force. With `cut_denied`, open connections
+/// that a new set denies are reset. Runs forever.
 pub async fn watch(
     store: Arc<PolicyStore>,
     path: PathBuf,
     root_namespace: String,
+    mut seen: Fingerprint,
     connections: Arc<OpenConnections>,
     cut_denied: bool,
 ) {
-    let mut seen = fingerprint(&path);
     loop {
         tokio::time::sleep(POLL_INTERVAL).await;
         let now = fingerprint(&path);
@@ -215,17 +228,17 @@ pub async fn watch(
     }
 }
 
-/// Name, modification time and length of each policy file, sorted; a change in any of
-/// them (or a file added or removed) triggers a reload. Unreadable paths give an empty
-/// list, so their return is a change too.
-fn fingerprint(path: &Path) -> Vec<(PathBuf, Option<SystemTime>, u64)> {
+/// Returns the fingerprint of the policy files at `path`. A change in any file (or a
+/// file added or removed) triggers a reload. An unreadable path gives an empty list, so
+/// its return is a change too.
+fn fingerprint(path: &Path) -> Fingerprint {
     let stat = |path: &Path| {
         std::fs::metadata(path)
             .ok()
             .map(|meta| (path.to_owned(), meta.modified().ok(), meta.len()))
     };
     if !path.is_dir() {
-        return stat(path).into_iter().collect();
+        return Fingerprint(stat(path).into_iter().collect());
     }
     let mut files: Vec<_> = std::fs::read_dir(path)
         .into_iter()
@@ -241,13 +254,12 @@ fn fingerprint(path: &Path) -> Vec<(PathBuf, Option<SystemTime>, u64)> {
         .filter_map(|path| stat(&path))
         .collect();
     files.sort();
-    files
+    Fingerprint(files)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy;
 
     fn facts() -> ConnectionFacts {
         ConnectionFacts {
@@ -286,7 +298,7 @@ mod tests {
         std::fs::write(dir.join("ignored.txt"), "x").expect("writing a file");
         let after = fingerprint(&dir);
         assert_ne!(before, after);
-        assert_eq!(after.len(), 1);
+        assert_eq!(after.0.len(), 1);
         std::fs::remove_dir_all(&dir).expect("removing the directory");
     }
 }
