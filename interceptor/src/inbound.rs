@@ -205,6 +205,12 @@ impl Delivery {
         client: Ipv4Addr,
         dst: SocketAddr,
     ) -> Result<TcpStream, Error> {
+        let IpAddr::V4(pod_addr) = dst.ip() else {
+            return Err(Error::InvalidDestination {
+                dst,
+                pod_ip: local.workload.ip,
+            });
+        };
         let socket = local.netns.tcp_socket().await.map_err(Error::Socket)?;
         socket.set_ip_transparent_v4(true).map_err(Error::Socket)?;
         socket.set_mark(self.mark).map_err(Error::Socket)?;
@@ -216,12 +222,7 @@ impl Delivery {
             .map_err(Error::Socket)?
             .as_socket()
             .ok_or_else(|| Error::Socket(std::io::Error::other("bound to a non-IP address")))?;
-        let IpAddr::V4(pod_addr) = dst.ip() else {
-            return Err(Error::InvalidDestination {
-                dst,
-                pod_ip: local.workload.ip,
-            });
-        };
+
         let key = DeliveryKey {
             client_addr_be: u32::from(client).to_be(),
             pod_addr_be: u32::from(pod_addr).to_be(),
@@ -231,10 +232,29 @@ impl Delivery {
         self.programs
             .add_delivery(&key)
             .map_err(|error| Error::Delivery(Box::new(error)))?;
-        let socket = TcpSocket::from_std_stream(socket.into());
-        let connected = socket.connect(dst).await;
-        self.programs.remove_delivery(&key);
-        connected.map_err(|source| Error::Connect { addr: dst, source })
+        // Removes the entry when the connect ends, also when the caller's timeout drops
+        // this future.
+        let _entry = DeliveryEntry {
+            programs: &self.programs,
+            key,
+        };
+
+        TcpSocket::from_std_stream(socket.into())
+            .connect(dst)
+            .await
+            .map_err(|source| Error::Connect { addr: dst, source })
+    }
+}
+
+/// A delivery connection's entry in the `DELIVERY` map, removed on drop.
+struct DeliveryEntry<'a> {
+    programs: &'a NodePrograms,
+    key: DeliveryKey,
+}
+
+impl Drop for DeliveryEntry<'_> {
+    fn drop(&mut self) {
+        self.programs.remove_delivery(&self.key);
     }
 }
 
