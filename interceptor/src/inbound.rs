@@ -8,7 +8,7 @@
 //! has `IP_TRANSPARENT` set, is bound to the client's IP (port chosen by the kernel)
 //! and carries [`DELIVERY_MARK`] as its `SO_MARK`. Its 4-tuple sits in the `DELIVERY`
 //! map from `bind` until `connect` ends, so `sk_lookup` passes its SYN to the app
-//! instead of steering it back to the daemon. Two settings in the pod's namespace
+//! instead of steering it back to the daemon. Three settings in the pod's namespace
 //! make the app's replies come back to that socket instead of leaving through `eth0`
 //! towards the real client:
 //!
@@ -16,12 +16,14 @@
 //!   SYN that created it, so every packet the app sends on it carries the mark;
 //! - `net.ipv4.fwmark_reflect=1`: replies the kernel sends without a socket, such as
 //!   the reset for a port where nothing listens, carry the mark of the packet they
-//!   answer, so the daemon sees "connection refused" at once;
+//!   reply to, so the daemon sees "connection refused" at once;
 //! - `ip rule fwmark DELIVERY_MARK lookup DELIVERY_ROUTE_TABLE` with
 //!   `local 0.0.0.0/0 dev lo` in that table: marked packets to any address are
 //!   delivered locally, where the transparent socket takes them.
 //!
-//! The daemon sets both with `ip` from iproute2 run inside the pod's namespace.
+//! The daemon writes the two sysctls from a thread inside the pod's namespace and sets
+//! the route with `ip` from iproute2, started from that thread. `ip` is much shorter
+//! than the netlink messages spelled out, and no iptables is involved.
 //!
 //! # Plaintext
 //!
