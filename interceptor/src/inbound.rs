@@ -16,7 +16,7 @@
 //!   SYN that created it, so every packet the app sends on it carries the mark;
 //! - `net.ipv4.fwmark_reflect=1`: replies the kernel sends without a socket, such as
 //!   the reset for a port where nothing listens, carry the mark of the packet they
-//!   reply to, so the daemon sees "connection refused" at once;
+//!   reply to, so the daemon gets "connection refused" at once;
 //! - `ip rule fwmark DELIVERY_MARK lookup DELIVERY_ROUTE_TABLE` with
 //!   `local 0.0.0.0/0 dev lo` in that table: marked packets to any address are
 //!   delivered locally, where the transparent socket takes them.

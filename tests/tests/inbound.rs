@@ -678,13 +678,13 @@ fn denied_clients_are_reset() {
         // Lines of earlier connections may still be on their way.
         std::thread::sleep(Duration::from_millis(200));
         let before = accepted_count(server_8084, &plain_ip);
-        let held = Held::start(island, island.pod(1, 2), &dst_8084);
+        let open_connection = HeldConnection::start(island, island.pod(1, 2), &dst_8084);
         wait_until("the held connection is accepted", || {
             accepted_count(server_8084, &plain_ip) > before
         });
-        held
+        open_connection
     };
-    let held = open_8084();
+    let open_connection = open_8084();
     let plain = island.pod(1, 2).ip;
     let deny_8084 = deny_policy("deny-8084", &format!("ipBlocks: [\"{plain}/32\"]"), 8084);
     std::fs::write(&policy_path, &deny_8084).expect("rewriting the policy file");
@@ -697,11 +697,11 @@ fn denied_clients_are_reset() {
         line.starts_with("result=reset")
     });
     assert!(
-        held.lines().is_empty(),
+        open_connection.lines().is_empty(),
         "the reload cut an open connection by default: {:?}",
-        held.lines()
+        open_connection.lines()
     );
-    drop(held);
+    drop(open_connection);
 
     // With --policy-reload-cuts-denied, the reload resets it.
     let mut mesh = setup.mesh;
@@ -710,15 +710,15 @@ fn denied_clients_are_reset() {
     std::fs::write(&policy_path, allow_8084).expect("rewriting the policy file");
     mesh.restart_daemon_with(2, &["--policy-reload-cuts-denied"])
         .expect("restarting the daemon");
-    let held = open_8084();
+    let open_connection = open_8084();
     std::fs::write(&policy_path, &deny_8084).expect("rewriting the policy file");
     wait_until("the reload cuts the open connection", || {
-        !held.lines().is_empty()
+        !open_connection.lines().is_empty()
     });
     assert!(
-        held.lines()[0].starts_with("result=reset"),
+        open_connection.lines()[0].starts_with("result=reset"),
         "the cut connection did not see a reset: {:?}",
-        held.lines()
+        open_connection.lines()
     );
     let log = mesh.log_when(2, |log| log.contains("default/deny-8084"));
     assert!(
@@ -740,13 +740,13 @@ fn wait_until(what: &str, condition: impl Fn() -> bool) {
 
 /// A `mesh-peer hold` client in a pod, with its `result=` line collected when it
 /// comes.
-struct Held {
+struct HeldConnection {
     child: std::process::Child,
     lines: Arc<Mutex<Vec<String>>>,
 }
 
-impl Held {
-    fn start(island: &Island, pod: &Pod, dst: &str) -> Held {
+impl HeldConnection {
+    fn start(island: &Island, pod: &Pod, dst: &str) -> HeldConnection {
         let mut child = spawn_peer(island, pod, &["hold", dst]).expect("starting mesh-peer hold");
         let stdout = child.stdout.take().expect("piped stdout");
         let lines = Arc::new(Mutex::new(Vec::new()));
@@ -761,7 +761,7 @@ impl Held {
                 }
             }
         });
-        Held { child, lines }
+        HeldConnection { child, lines }
     }
 
     /// Returns the `result=` lines so far, which stay empty while the connection is
@@ -771,7 +771,7 @@ impl Held {
     }
 }
 
-impl Drop for Held {
+impl Drop for HeldConnection {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
