@@ -20,6 +20,7 @@ const SK_PASS: u32 = 1;
 const SK_DROP: u32 = 0;
 
 const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
 const IPPROTO_TCP: u32 = 6;
 
 /// `sk_lookup` on an enrolled pod's network namespace. For an inbound IPv4 TCP
@@ -35,7 +36,9 @@ const IPPROTO_TCP: u32 = 6;
 /// 6. otherwise: assigned to the plaintext listener.
 ///
 /// A missing listener (the daemon is down) drops the connection in steps 2 and 6, so
-/// the pod fails closed. Returns 1 (`SK_PASS`) to go on with the lookup, with or
+/// the pod fails closed. Inbound IPv6 TCP is dropped unless it comes over loopback or
+/// from the pod's own address: the mesh carries IPv4 only, and the program runs only
+/// in enrolled pods, so a pod with an IPv6 address cannot receive plaintext on it. Returns 1 (`SK_PASS`) to go on with the lookup, with or
 /// without an assigned socket, and 0 (`SK_DROP`) to reset.
 ///
 /// # Minimum kernel version
@@ -49,9 +52,13 @@ pub fn interceptor_sk_lookup(ctx: SkLookupContext) -> u32 {
 fn try_sk_lookup(ctx: &SkLookupContext) -> Result<u32, ()> {
     // SAFETY: the kernel hands every program of this type a valid `bpf_sk_lookup`.
     let lookup = unsafe { &*ctx.lookup };
-    // NOTE: IPv6 connections pass untouched: the mesh carries IPv4 only, and pods of
-    // the test topology have no routed IPv6 address.
-    if lookup.family != AF_INET || lookup.protocol != IPPROTO_TCP {
+    if lookup.protocol != IPPROTO_TCP {
+        return Ok(SK_PASS);
+    }
+    if lookup.family == AF_INET6 {
+        return Ok(ipv6_verdict(lookup));
+    }
+    if lookup.family != AF_INET {
         return Ok(SK_PASS);
     }
     let pod_addr_be = lookup.local_ip4;
@@ -78,6 +85,30 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> Result<u32, ()> {
         return Ok(SK_DROP);
     }
     assign(ctx, pod_addr_be, LISTENER_PLAINTEXT)
+}
+
+/// Passes IPv6 connections to `::1` or from the pod's own address and drops the rest.
+fn ipv6_verdict(lookup: &aya_ebpf::bindings::bpf_sk_lookup) -> u32 {
+    // Verifier: the context allows only 4-byte loads of the address words, so each
+    // word is read on its own rather than the arrays compared as a whole.
+    let local = [
+        lookup.local_ip6[0],
+        lookup.local_ip6[1],
+        lookup.local_ip6[2],
+        lookup.local_ip6[3],
+    ];
+    let remote = [
+        lookup.remote_ip6[0],
+        lookup.remote_ip6[1],
+        lookup.remote_ip6[2],
+        lookup.remote_ip6[3],
+    ];
+    let loopback = local[0] == 0 && local[1] == 0 && local[2] == 0 && u32::from_be(local[3]) == 1;
+    if loopback || local == remote {
+        SK_PASS
+    } else {
+        SK_DROP
+    }
 }
 
 fn is_delivery(lookup: &aya_ebpf::bindings::bpf_sk_lookup, pod_addr_be: u32, port: u16) -> bool {

@@ -462,6 +462,15 @@ fn inbound_fails_closed_without_daemon() {
         .expect("starting the probe app");
     let excluded_app = PeerServer::start(island, server_pod, &["echo", "0.0.0.0:9000"])
         .expect("starting the excluded app");
+    let _ipv6_app = PeerServer::start(island, server_pod, &["echo", "[::]:8086"])
+        .expect("starting the IPv6 app");
+    // Pods of one node share a bridge, so n2-p2 reaches n2-p1's link-local address.
+    let ipv6_client = From::Pod(2, 2);
+    let ipv6_addr = format!(
+        "[{}%{}]:8086",
+        link_local_addr(server_pod),
+        eth0_index(island.pod(2, 2))
+    );
     let app_addr = format!("{}:8080", server_pod.ip);
     let probe_addr = format!("{}:8081", server_pod.ip);
     let excluded_addr = format!("{}:9000", server_pod.ip);
@@ -473,6 +482,11 @@ fn inbound_fails_closed_without_daemon() {
     let plain_ip = island.pod(1, 2).ip.to_string();
     let mesh_ip = island.pod(1, 1).ip.to_string();
     assert_eq!(echo(plain_client, &app_addr), ECHO_OK, "with the daemon up");
+    let ipv6 = echo(ipv6_client, &ipv6_addr);
+    assert!(
+        ipv6.starts_with("result=refused"),
+        "plaintext over IPv6 to an enrolled pod: {ipv6:?}"
+    );
     assert!(
         accepted_from(&app, &plain_ip),
         "no accept with the daemon up"
@@ -535,6 +549,71 @@ fn inbound_fails_closed_without_daemon() {
         .expect("running interceptor uninstall");
     assert!(output.status.success(), "uninstall failed: {output:?}");
     assert_eq!(echo(plain_client, &app_addr), ECHO_OK, "after uninstall");
+    assert_eq!(
+        echo(ipv6_client, &ipv6_addr),
+        ECHO_OK,
+        "IPv6 after uninstall"
+    );
+}
+
+/// Runs `ip ARGS` in `pod`'s network namespace and returns its output.
+fn ip_in(pod: &Pod, args: &[&str]) -> String {
+    let output = Command::new("ip")
+        .args(["netns", "exec", &pod.name, "ip"])
+        .args(args)
+        .output()
+        .expect("running ip");
+    assert!(output.status.success(), "ip {args:?} failed: {output:?}");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Returns the link-local IPv6 address of `pod`'s `eth0` once duplicate address
+/// detection has finished with it.
+fn link_local_addr(pod: &Pod) -> String {
+    let deadline = Instant::now() + scaled(Duration::from_secs(10));
+    loop {
+        let text = ip_in(
+            pod,
+            &[
+                "-6",
+                "-o",
+                "addr",
+                "show",
+                "dev",
+                "eth0",
+                "scope",
+                "link",
+                "-tentative",
+            ],
+        );
+        // "2: eth0    inet6 fe80::1/64 scope link ..."
+        let addr = text
+            .split_whitespace()
+            .skip_while(|word| *word != "inet6")
+            .nth(1)
+            .and_then(|cidr| cidr.split('/').next())
+            .map(str::to_owned);
+        if let Some(addr) = addr {
+            return addr;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} has no usable link-local address",
+            pod.name
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Returns the interface index of `pod`'s `eth0`, the scope of link-local addresses
+/// dialed from it.
+fn eth0_index(pod: &Pod) -> u32 {
+    let text = ip_in(pod, &["-o", "link", "show", "dev", "eth0"]);
+    // "2: eth0@if5: <BROADCAST,..."
+    text.split(':')
+        .next()
+        .and_then(|index| index.trim().parse().ok())
+        .expect("an interface index")
 }
 
 fn deny_policy(name: &str, from: &str, port: u16) -> String {
