@@ -464,8 +464,10 @@ fn inbound_fails_closed_without_daemon() {
         .expect("starting the excluded app");
     let _ipv6_app = PeerServer::start(island, server_pod, &["echo", "[::]:8086"])
         .expect("starting the IPv6 app");
-    // Pods of one node share a bridge, so n2-p2 reaches n2-p1's link-local address.
+    // Pods of one node share a bridge, so n2-p2 reaches n2-p1's link-local address
+    // once both addresses have left duplicate address detection.
     let ipv6_client = From::Pod(2, 2);
+    link_local_addr(island.pod(2, 2));
     let ipv6_addr = format!(
         "[{}%{}]:8086",
         link_local_addr(server_pod),
