@@ -37,8 +37,8 @@ const IPPROTO_TCP: u32 = 6;
 ///
 /// A missing listener (the daemon is down) drops the connection in steps 2 and 6, so
 /// the pod fails closed. Inbound IPv6 TCP is dropped unless it comes over loopback or
-/// from the pod's own address: the mesh carries IPv4 only, and the program runs only
-/// in enrolled pods, so a pod with an IPv6 address cannot receive plaintext on it. Returns 1 (`SK_PASS`) to go on with the lookup, with or
+/// from the pod's own address, because the mesh carries IPv4 only. The program runs
+/// only in enrolled pods, so no enrolled app receives plaintext over IPv6. Returns 1 (`SK_PASS`) to go on with the lookup, with or
 /// without an assigned socket, and 0 (`SK_DROP`) to reset.
 ///
 /// # Minimum kernel version
@@ -61,6 +61,7 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> Result<u32, ()> {
     if lookup.family != AF_INET {
         return Ok(SK_PASS);
     }
+
     let pod_addr_be = lookup.local_ip4;
     // SAFETY: the value is copied out before any other map operation.
     let Some(pod) = (unsafe { INBOUND.get(&pod_addr_be) }).copied() else {
@@ -68,13 +69,14 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> Result<u32, ()> {
     };
     // `local_port` is in host byte order, `remote_port` a big-endian u16, and both
     // addresses in network byte order. Linux drops packets from outside that carry one
-    // of the namespace's own addresses as their source ("martian source"), so a
-    // client at the pod's own address is inside the pod.
+    // of the namespace's own addresses as their source ("martian source", unless
+    // `accept_local` is set), so a client at the pod's own address is inside the pod.
     let port = lookup.local_port as u16;
     let client_be = lookup.remote_ip4;
     if client_be == pod_addr_be || is_delivery(lookup, pod_addr_be, port) {
         return Ok(SK_PASS);
     }
+
     if port == pod.tunnel_port {
         return assign(ctx, pod_addr_be, LISTENER_TUNNEL);
     }
