@@ -19,10 +19,23 @@ pub const CONNECT_DST_MAP: &str = "CONNECT_DST";
 /// redirected connection is established and read by the daemon when it accepts it.
 pub const ORIG_DST_MAP: &str = "ORIG_DST";
 
+/// Name of the map of inbound settings per enrolled pod address ([`InboundPod`]
+/// values), read by the `sk_lookup` program.
+pub const INBOUND_MAP: &str = "INBOUND";
+/// Name of the `SOCKHASH` of the daemon's inbound listeners ([`ListenerKey`] keys).
+pub const LISTENERS_MAP: &str = "LISTENERS";
+/// Name of the map of the daemon's delivery connections in flight ([`DeliveryKey`]
+/// keys), which the `sk_lookup` program passes to the app.
+pub const DELIVERY_MAP: &str = "DELIVERY";
+/// Name of the map of outbound exclusions per enrolled cgroup id ([`Exclusions`]
+/// values).
+pub const OUTBOUND_EXCLUDE_MAP: &str = "OUTBOUND_EXCLUDE";
+
 /// Names of the programs in the eBPF object.
 pub const CONNECT4_PROG: &str = "interceptor_connect4";
 pub const CONNECT6_PROG: &str = "interceptor_connect6";
 pub const SOCK_OPS_PROG: &str = "interceptor_sock_ops";
+pub const SK_LOOKUP_PROG: &str = "interceptor_sk_lookup";
 
 /// Maximum number of enrolled workloads per node.
 pub const MAX_ENROLLED: u32 = 4096;
@@ -85,15 +98,166 @@ pub struct ConnKey {
 }
 const _: () = assert!(size_of::<ConnKey>() == 16);
 
+/// Maximum number of ports in each port list of [`Exclusions`] and [`InboundPod`].
+pub const MAX_PORTS: usize = 8;
+/// Maximum number of CIDRs in [`Exclusions`].
+pub const MAX_CIDRS: usize = 4;
+
+/// An IPv4 network: an address matches when `addr & mask_be == addr_be`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Cidr {
+    /// Network address with the host bits cleared, network byte order.
+    pub addr_be: u32,
+    /// Network mask, network byte order (`/0` is 0, `/32` is `u32::MAX`).
+    pub mask_be: u32,
+}
+const _: () = assert!(size_of::<Cidr>() == 8);
+
+impl Cidr {
+    /// Returns whether the network byte order address `addr_be` lies in the network.
+    #[inline(always)]
+    pub fn contains(&self, addr_be: u32) -> bool {
+        addr_be & self.mask_be == self.addr_be
+    }
+}
+
+/// Traffic that bypasses the mesh entirely: ports and peer networks that the eBPF
+/// programs leave untouched.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Exclusions {
+    /// Destination ports (the pod's own ports for inbound, the remote ports for
+    /// outbound), host byte order. 0 marks an unused slot; no TCP connection has
+    /// port 0.
+    pub ports: [u16; MAX_PORTS],
+    /// Number of valid entries at the start of `cidrs`.
+    pub cidr_count: u32,
+    pub _pad: u32,
+    /// Peer networks: the client's address for inbound, the destination for outbound.
+    pub cidrs: [Cidr; MAX_CIDRS],
+}
+const _: () = assert!(size_of::<Exclusions>() == 56);
+
+impl Exclusions {
+    /// Returns whether a connection to or from the peer `peer_be` (network byte order)
+    /// on the host-order port `port` is excluded.
+    #[inline(always)]
+    pub fn matches(&self, peer_be: u32, port: u16) -> bool {
+        if contains_port(&self.ports, port) {
+            return true;
+        }
+        let mut i = 0;
+        while i < MAX_CIDRS {
+            if i as u32 >= self.cidr_count {
+                break;
+            }
+            if self.cidrs[i].contains(peer_be) {
+                return true;
+            }
+            i += 1;
+        }
+        false
+    }
+}
+
+/// Returns whether the non-zero host-order `port` is in `ports`.
+#[inline(always)]
+pub fn contains_port(ports: &[u16; MAX_PORTS], port: u16) -> bool {
+    let mut i = 0;
+    while i < MAX_PORTS {
+        if port != 0 && ports[i] == port {
+            return true;
+        }
+        i += 1;
+    }
+    false
+}
+
+/// [`InboundPod::mode`]: plaintext from non-mesh clients is steered to the daemon's
+/// plaintext listener, which applies the policy and delivers it to the app.
+pub const INBOUND_PERMISSIVE: u32 = 0;
+/// [`InboundPod::mode`]: only mesh tunnels are accepted; plaintext is reset by the
+/// `sk_lookup` program (probes and exclusions aside).
+pub const INBOUND_STRICT: u32 = 1;
+
+/// Value of the inbound map, keyed by an enrolled pod's IPv4 address (`u32`, network
+/// byte order), which is unique in the mesh. Written by the daemon only.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InboundPod {
+    /// [`INBOUND_PERMISSIVE`] or [`INBOUND_STRICT`].
+    pub mode: u32,
+    /// The daemon's tunnel port, host byte order.
+    pub tunnel_port: u16,
+    pub _pad: u16,
+    /// The node's probe source address, network byte order; 0 when the node has none.
+    pub probe_addr_be: u32,
+    pub _pad2: u32,
+    /// Ports that plaintext from `probe_addr_be` may reach directly, host byte order;
+    /// 0 marks an unused slot.
+    pub probe_ports: [u16; MAX_PORTS],
+    /// Inbound exclusions: `ports` are the pod's ports, `cidrs` the clients' networks.
+    pub exclude: Exclusions,
+}
+const _: () = assert!(size_of::<InboundPod>() == 88);
+
+/// [`ListenerKey::kind`] of the tunnel listener.
+pub const LISTENER_TUNNEL: u32 = 0;
+/// [`ListenerKey::kind`] of the plaintext inbound listener.
+pub const LISTENER_PLAINTEXT: u32 = 1;
+
+/// Key of the listeners `SOCKHASH`: one of the daemon's listeners in a pod.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ListenerKey {
+    /// The pod's IPv4 address, network byte order.
+    pub pod_addr_be: u32,
+    /// [`LISTENER_TUNNEL`] or [`LISTENER_PLAINTEXT`].
+    pub kind: u32,
+}
+const _: () = assert!(size_of::<ListenerKey>() == 8);
+
+/// Key of the delivery map: the 4-tuple of a connection that the daemon opens from a
+/// client's address to the app inside a pod, registered between its `bind` and the end
+/// of its `connect`.
+///
+/// The daemon's SYN reaches the pod address over `lo` from an address that is not the
+/// pod's, so nothing in the `sk_lookup` context tells it apart from a client's SYN;
+/// the exact 4-tuple does.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct DeliveryKey {
+    /// The client's IPv4 address the daemon's socket is bound to, network byte order.
+    pub client_addr_be: u32,
+    /// The pod address the daemon connects to, network byte order.
+    pub pod_addr_be: u32,
+    /// Port of the daemon's socket, host byte order.
+    pub client_port: u16,
+    /// The app's port, host byte order.
+    pub pod_port: u16,
+}
+const _: () = assert!(size_of::<DeliveryKey>() == 12);
+
 #[cfg(feature = "user")]
 mod user {
     use super::*;
 
-    // SAFETY: all three are `#[repr(C)]`, contain only integers and have no implicit
+    // SAFETY: all of them are `#[repr(C)]`, contain only integers and have no implicit
     // padding (every gap is an explicit `_pad` field), so any bit pattern is valid.
     unsafe impl aya::Pod for EnrolledCgroup {}
     // SAFETY: as above.
     unsafe impl aya::Pod for OrigDst {}
     // SAFETY: as above.
     unsafe impl aya::Pod for ConnKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Cidr {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Exclusions {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for InboundPod {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for ListenerKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for DeliveryKey {}
 }

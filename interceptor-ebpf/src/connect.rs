@@ -16,7 +16,7 @@ use aya_ebpf::{
 };
 use interceptor_common::{EnrolledCgroup, OrigDst};
 
-use crate::maps::{CONNECT_DST, ENROLLED};
+use crate::maps::{CONNECT_DST, ENROLLED, OUTBOUND_EXCLUDE};
 
 /// Return value that lets the connect go on (rewritten or not).
 const ALLOW: i32 = 1;
@@ -29,7 +29,7 @@ const SOCK_STREAM: u32 = 1;
 /// outbound listener and records the original destination under the socket cookie.
 ///
 /// Loopback and unspecified destinations stay untouched, since they never leave the
-/// pod. Returns 1 to let the (possibly rewritten) connect proceed, and 0 to fail it with
+/// pod, and so do destinations the workload's outbound exclusions name. Returns 1 to let the (possibly rewritten) connect proceed, and 0 to fail it with
 /// `EPERM` when the destination cannot be recorded or the socket is in a namespace
 /// other than its workload's: the connection must not leave the pod unprotected.
 ///
@@ -58,9 +58,9 @@ pub fn interceptor_connect6(ctx: SockAddrContext) -> i32 {
     try_connect6(&ctx).unwrap_or(REJECT)
 }
 
-/// Returns the enrolled entry for this socket, `Ok(None)` when its cgroup is not
-/// enrolled, or `Err` when the socket must be rejected.
-fn enrolled_socket(ctx: &SockAddrContext) -> Result<Option<EnrolledCgroup>, ()> {
+/// Returns the cgroup id and enrolled entry for this socket, `Ok(None)` when its cgroup
+/// is not enrolled, or `Err` when the socket must be rejected.
+fn enrolled_socket(ctx: &SockAddrContext) -> Result<Option<(u64, EnrolledCgroup)>, ()> {
     // SAFETY: the kernel hands every program of this type a valid `bpf_sock_addr`.
     let sock_addr = unsafe { &*ctx.sock_addr };
     if sock_addr.type_ != SOCK_STREAM {
@@ -77,7 +77,17 @@ fn enrolled_socket(ctx: &SockAddrContext) -> Result<Option<EnrolledCgroup>, ()> 
     if netns_cookie != enrolled.netns_cookie {
         return Err(());
     }
-    Ok(Some(enrolled))
+    Ok(Some((cgroup_id, enrolled)))
+}
+
+/// Returns whether the workload in cgroup `cgroup_id` excludes the destination from
+/// the mesh.
+fn is_excluded(cgroup_id: u64, addr_be: u32, port_be: u16) -> bool {
+    // SAFETY: the value is only read while no other map operation runs.
+    match unsafe { OUTBOUND_EXCLUDE.get(&cgroup_id) } {
+        Some(exclude) => exclude.matches(addr_be, u16::from_be(port_be)),
+        None => false,
+    }
 }
 
 /// Returns true for destinations inside the host: 127.0.0.0/8 and 0.0.0.0.
@@ -104,14 +114,14 @@ fn user_port_be(sock_addr: &bpf_sock_addr) -> u16 {
 }
 
 fn try_connect4(ctx: &SockAddrContext) -> Result<i32, ()> {
-    let Some(enrolled) = enrolled_socket(ctx)? else {
+    let Some((cgroup_id, enrolled)) = enrolled_socket(ctx)? else {
         return Ok(ALLOW);
     };
     // SAFETY: the kernel hands every program of this type a valid `bpf_sock_addr`,
     // and connect programs may rewrite `user_ip4` and `user_port`.
     let sock_addr = unsafe { &mut *ctx.sock_addr };
     let addr_be = sock_addr.user_ip4;
-    if is_local_v4(addr_be) {
+    if is_local_v4(addr_be) || is_excluded(cgroup_id, addr_be, user_port_be(sock_addr)) {
         return Ok(ALLOW);
     }
     record_orig_dst(ctx, addr_be, user_port_be(sock_addr))?;
@@ -121,7 +131,7 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, ()> {
 }
 
 fn try_connect6(ctx: &SockAddrContext) -> Result<i32, ()> {
-    let Some(enrolled) = enrolled_socket(ctx)? else {
+    let Some((cgroup_id, enrolled)) = enrolled_socket(ctx)? else {
         return Ok(ALLOW);
     };
     // SAFETY: as in `try_connect4`; connect6 programs may rewrite `user_ip6`.
@@ -137,7 +147,7 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, ()> {
     let prefix_is_zero = words[0] == 0 && words[1] == 0;
     if prefix_is_zero && u32::from_be(words[2]) == 0x0000_ffff {
         let addr_be = words[3];
-        if is_local_v4(addr_be) {
+        if is_local_v4(addr_be) || is_excluded(cgroup_id, addr_be, user_port_be(sock_addr)) {
             return Ok(ALLOW);
         }
         record_orig_dst(ctx, addr_be, user_port_be(sock_addr))?;

@@ -6,6 +6,8 @@
 //! - [`sock_ops`]: once such a connection is established, re-keys the original
 //!   destination by the connection's source address, which is what the daemon sees
 //!   when it accepts the connection.
+//! - [`sk_lookup`]: steers inbound TCP connections of each enrolled pod to the daemon's
+//!   tunnel or plaintext listener in the pod, and drops them when the listener is gone.
 //!
 //! Build with `cargo xtask build-ebpf`; a plain `cargo build` skips this crate.
 
@@ -14,6 +16,7 @@
 
 mod connect;
 mod maps;
+mod sk_lookup;
 mod sock_ops;
 
 #[cfg(not(test))]

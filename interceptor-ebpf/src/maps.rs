@@ -3,9 +3,12 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap},
+    maps::{HashMap, LruHashMap, SockHash},
 };
-use interceptor_common::{ConnKey, EnrolledCgroup, OrigDst, MAX_ENROLLED, MAX_PENDING_CONNECTS};
+use interceptor_common::{
+    ConnKey, DeliveryKey, EnrolledCgroup, Exclusions, InboundPod, ListenerKey, OrigDst,
+    MAX_ENROLLED, MAX_PENDING_CONNECTS,
+};
 
 /// Enrolled workloads: cgroup v2 id to the workload's namespace and outbound listener.
 /// Written only by the daemon.
@@ -21,3 +24,24 @@ pub static CONNECT_DST: LruHashMap<u64, OrigDst> = LruHashMap::pinned(MAX_PENDIN
 /// until the daemon accepts it and deletes the entry.
 #[map(name = "ORIG_DST")]
 pub static ORIG_DST: LruHashMap<ConnKey, OrigDst> = LruHashMap::pinned(MAX_PENDING_CONNECTS, 0);
+
+/// Outbound exclusions by enrolled cgroup id: connects that `connect4`/`connect6` leave
+/// alone. Written only by the daemon.
+#[map(name = "OUTBOUND_EXCLUDE")]
+pub static OUTBOUND_EXCLUDE: HashMap<u64, Exclusions> = HashMap::pinned(MAX_ENROLLED, 0);
+
+/// Inbound settings by enrolled pod address (network byte order). Written only by the
+/// daemon; an entry stays while the daemon is down, so the pod fails closed.
+#[map(name = "INBOUND")]
+pub static INBOUND: HashMap<u32, InboundPod> = HashMap::pinned(MAX_ENROLLED, 0);
+
+/// The daemon's listening sockets in each pod. The kernel removes a socket from the
+/// map when it is closed, so the entries vanish with the daemon.
+#[map(name = "LISTENERS")]
+pub static LISTENERS: SockHash<ListenerKey> = SockHash::pinned(2 * MAX_ENROLLED, 0);
+
+/// The daemon's delivery connections between `bind` and the end of `connect`, whose
+/// SYN `sk_lookup` passes to the app. An LRU map, so an entry a crashed daemon left
+/// behind is eventually evicted.
+#[map(name = "DELIVERY")]
+pub static DELIVERY: LruHashMap<DeliveryKey, u32> = LruHashMap::pinned(MAX_PENDING_CONNECTS, 0);

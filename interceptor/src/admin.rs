@@ -22,7 +22,8 @@ use crate::ktls;
 pub struct ConnectionLabels {
     /// "outbound" or "inbound".
     pub direction: &'static str,
-    /// "tunnel" or "passthrough".
+    /// "tunnel", "passthrough", or "plaintext" for inbound plaintext of a permissive
+    /// workload.
     pub mode: &'static str,
     /// "userspace", "ktls" or "none".
     pub tls: &'static str,

@@ -13,6 +13,15 @@ use clap::Args;
 /// inbound (15006) and admin (15020) numbers, which operators expect to be the mesh's.
 pub const RESERVED_PORTS: [u16; 2] = [15006, 15020];
 
+/// `SO_MARK` of the daemon's sockets that deliver inbound connections to the app. In
+/// each enrolled pod, a policy route sends packets with this mark to `lo`, and
+/// `net.ipv4.tcp_fwmark_accept=1` gives the app's accepted socket the same mark, so the
+/// app's replies to the client's address come back to the daemon.
+pub const DELIVERY_MARK: u32 = 0x539;
+
+/// Routing table of the delivery route (`local 0.0.0.0/0 dev lo`) in each enrolled pod.
+pub const DELIVERY_ROUTE_TABLE: u32 = 100;
+
 /// Flags of `interceptor run`.
 #[derive(Args, Debug, Clone)]
 pub struct RunConfig {
@@ -45,6 +54,21 @@ pub struct RunConfig {
     /// Port of the mTLS tunnel listener on each pod's IP.
     #[arg(long, env = "INTERCEPTOR_TUNNEL_PORT", default_value_t = 15008)]
     pub tunnel_port: u16,
+
+    /// Port of the inbound plaintext listener on each pod's IP, where the `sk_lookup`
+    /// program steers plaintext connections of permissive workloads.
+    #[arg(long, env = "INTERCEPTOR_PLAINTEXT_PORT", default_value_t = 15006)]
+    pub plaintext_port: u16,
+
+    /// Authorization policies: a YAML file, or a directory of `*.yaml` and `*.yml`
+    /// files. Reloaded when they change; unset allows every connection.
+    #[arg(long, env = "INTERCEPTOR_POLICIES")]
+    pub policies: Option<PathBuf>,
+
+    /// Reset open inbound connections that a reloaded policy set denies. By default
+    /// open connections keep running and only new ones see the new policies.
+    #[arg(long, env = "INTERCEPTOR_POLICY_RELOAD_CUTS_DENIED")]
+    pub policy_reload_cuts_denied: bool,
 
     /// Time allowed for a tunnel's TCP connect, TLS handshake and preamble, e.g. `10s`.
     #[arg(long, env = "INTERCEPTOR_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
@@ -101,11 +125,22 @@ impl RunConfig {
         if self.tunnel_port == 0 {
             problems.push("--tunnel-port 0: must be a port number from 1 to 65535".to_owned());
         }
-        if self.outbound_port == self.tunnel_port {
-            problems.push(format!(
-                "--outbound-port {} and --tunnel-port {}: must differ",
-                self.outbound_port, self.tunnel_port
-            ));
+        if self.plaintext_port == 0 {
+            problems.push("--plaintext-port 0: must be a port number from 1 to 65535".to_owned());
+        }
+        let ports = [
+            ("--outbound-port", self.outbound_port),
+            ("--tunnel-port", self.tunnel_port),
+            ("--plaintext-port", self.plaintext_port),
+        ];
+        for (i, (flag, port)) in ports.iter().enumerate() {
+            for (other_flag, other_port) in &ports[i + 1..] {
+                if port == other_port {
+                    problems.push(format!(
+                        "{flag} {port} and {other_flag} {other_port}: must differ"
+                    ));
+                }
+            }
         }
         for (flag, value) in [
             ("--handshake-timeout", self.handshake_timeout),
@@ -142,6 +177,7 @@ impl RunConfig {
         port == 0
             || port == self.outbound_port
             || port == self.tunnel_port
+            || port == self.plaintext_port
             || RESERVED_PORTS.contains(&port)
     }
 }
@@ -169,6 +205,42 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        run: RunConfig,
+    }
+
+    fn parse(extra: &[&str]) -> RunConfig {
+        use clap::Parser as _;
+        let required = [
+            "run", "--config", "m.toml", "--node", "n1", "--ca-dir", "ca",
+        ];
+        Cli::try_parse_from(required.iter().chain(extra))
+            .expect("parse the flags")
+            .run
+    }
+
+    #[test]
+    fn listener_ports_must_differ() {
+        let problems = parse(&["--plaintext-port", "15008"])
+            .validate()
+            .expect_err("two listeners on one port");
+
+        assert_eq!(
+            problems,
+            ["--tunnel-port 15008 and --plaintext-port 15008: must differ"]
+        );
+    }
+
+    #[test]
+    fn plaintext_port_is_reserved() {
+        let config = parse(&["--plaintext-port", "16006"]);
+
+        assert!(config.is_reserved_port(16006));
+        assert!(config.validate().is_ok());
+    }
 
     #[test]
     fn duration_units_parse() {

@@ -15,16 +15,19 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use interceptor_common::EnrolledCgroup;
+use interceptor_common::{EnrolledCgroup, ListenerKey, LISTENER_PLAINTEXT, LISTENER_TUNNEL};
 use tokio::net::TcpListener;
 use tracing::{info, warn, Instrument};
 
 use crate::admin;
-use crate::config::{KernelTls, RunConfig};
-use crate::ebpf::{self, NodePrograms};
+use crate::config::{KernelTls, RunConfig, DELIVERY_MARK};
+use crate::ebpf::{self, NodePrograms, PodNetns};
 use crate::identity::CertificateAuthority;
+use crate::inbound;
 use crate::ktls;
 use crate::netns::Netns;
+use crate::policy::{Policies, DEFAULT_ROOT_NAMESPACE};
+use crate::policy_store::{self, PolicyStore};
 use crate::relay::BufferPool;
 use crate::tls::TunnelOptions;
 use crate::tunnel::{self, LocalWorkload, OrigDstSource, Shared, TlsConfigs};
@@ -86,6 +89,18 @@ pub enum Error {
         #[source]
         source: crate::tls::Error,
     },
+    #[error("workload {workload}: preparing its namespace for inbound delivery failed")]
+    Delivery {
+        workload: String,
+        #[source]
+        source: inbound::SetupError,
+    },
+    #[error("loading policies from {path} failed")]
+    Policies {
+        path: PathBuf,
+        #[source]
+        source: crate::policy::Error,
+    },
     #[error("workload {workload}: listening on {addr} failed")]
     Listen {
         workload: String,
@@ -115,6 +130,19 @@ pub async fn run(config: RunConfig) -> Result<(), Error> {
         })?
         .clone();
     let ca = load_ca(&config, &directory)?;
+    let (policies, policy_files) = match &config.policies {
+        Some(path) => {
+            let (policies, seen) =
+                policy_store::load(path, DEFAULT_ROOT_NAMESPACE).map_err(|source| {
+                    Error::Policies {
+                        path: path.clone(),
+                        source,
+                    }
+                })?;
+            (policies, Some((path.clone(), seen)))
+        }
+        None => (Policies::empty(DEFAULT_ROOT_NAMESPACE), None),
+    };
 
     let cgroup2 = ebpf::cgroup2_mount()?;
     check_own_cgroup(&node.cgroup)?;
@@ -126,6 +154,9 @@ pub async fn run(config: RunConfig) -> Result<(), Error> {
     let ca = Arc::new(ca);
     let mut locals = Vec::new();
     let mut enrolled = Vec::new();
+    let mut outbound_exclusions = Vec::new();
+    let mut inbound_pods = Vec::new();
+    let mut pod_netns = Vec::new();
     let mut listeners = Vec::new();
     for workload in directory.on_node(&node.name) {
         let local = prepare_workload(workload, &ca, &config, &options).await?;
@@ -145,7 +176,25 @@ pub async fn run(config: RunConfig) -> Result<(), Error> {
         )
         .await?;
         let tunnel = listen(&local, SocketAddr::from((workload.ip, config.tunnel_port))).await?;
-        listeners.push((Arc::clone(&local), outbound, tunnel));
+        let plaintext = listen(
+            &local,
+            SocketAddr::from((workload.ip, config.plaintext_port)),
+        )
+        .await?;
+        inbound::setup_delivery_routing(&workload.netns).map_err(|source| Error::Delivery {
+            workload: workload.name.clone(),
+            source,
+        })?;
+        outbound_exclusions.push((cgroup_id, inbound::exclusions(&workload.outbound_exclude)));
+        inbound_pods.push((
+            u32::from(workload.ip).to_be(),
+            inbound::pod_entry(workload, &node, config.tunnel_port),
+        ));
+        pod_netns.push(PodNetns {
+            path: workload.netns.clone(),
+            cookie: local.netns.cookie(),
+        });
+        listeners.push((Arc::clone(&local), outbound, tunnel, plaintext));
         locals.push(local);
     }
 
@@ -153,25 +202,51 @@ pub async fn run(config: RunConfig) -> Result<(), Error> {
         &config.bpffs,
         &node.name,
         &node_cgroup,
+        &pod_netns,
     )?);
+    for (local, _, tunnel, plaintext) in &listeners {
+        let pod_addr_be = u32::from(local.workload.ip).to_be();
+        for (kind, listener) in [(LISTENER_TUNNEL, tunnel), (LISTENER_PLAINTEXT, plaintext)] {
+            programs.add_listener(ListenerKey { pod_addr_be, kind }, listener)?;
+        }
+    }
+    programs.set_outbound_exclusions(&outbound_exclusions)?;
+    programs.set_inbound(&inbound_pods)?;
     programs.set_enrolled(&enrolled)?;
     info!(
         node = %node.name,
         cgroup = %node_cgroup.display(),
         pins = %ebpf::pin_dir(&config.bpffs, &node.name).display(),
         workloads = locals.len(),
+        policies = %config.policies.as_deref().map_or("none".into(), Path::to_string_lossy),
         kernel_tls = %ktls.describe(),
         "daemon started"
     );
 
     let registry = Arc::new(Registry::new(directory));
-    let shared = Arc::new(Shared::new(
+    let mut shared = Shared::new(
         config.clone(),
         registry,
-        OrigDstSource::Ebpf(programs),
+        OrigDstSource::Ebpf(Arc::clone(&programs)),
         BufferPool::new(POOLED_BUFFERS),
         ktls,
-    ));
+    );
+    shared.delivery = Some(inbound::Delivery {
+        mark: DELIVERY_MARK,
+        programs,
+    });
+    shared.policies = Arc::new(PolicyStore::new(policies));
+    let shared = Arc::new(shared);
+    if let Some((path, seen)) = policy_files {
+        tokio::spawn(policy_store::watch(
+            Arc::clone(&shared.policies),
+            path,
+            DEFAULT_ROOT_NAMESPACE.to_owned(),
+            seen,
+            Arc::clone(&shared.open),
+            config.policy_reload_cuts_denied,
+        ));
+    }
     let admin = TcpListener::bind(config.admin_addr)
         .await
         .map_err(|source| Error::Admin {
@@ -183,13 +258,19 @@ pub async fn run(config: RunConfig) -> Result<(), Error> {
         Arc::clone(&shared.metrics),
         shared.ktls.clone(),
     ));
-    for (local, outbound, tunnel) in listeners {
+    for (local, outbound, tunnel, plaintext) in listeners {
         info!(
             workload = %local.workload.name,
             spiffe_id = %local.workload.spiffe_id,
             ip = %local.workload.ip,
+            inbound_mode = local.workload.inbound_mode.as_str(),
             "workload enrolled"
         );
+        tokio::spawn(inbound::serve_plaintext(
+            plaintext,
+            Arc::clone(&local),
+            Arc::clone(&shared),
+        ));
         tokio::spawn(tunnel::serve_outbound(
             outbound,
             Arc::clone(&local),

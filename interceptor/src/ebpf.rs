@@ -2,10 +2,13 @@
 //! of their maps.
 //!
 //! Everything that must keep the node fail-closed while the daemon is down lives in the
-//! bpffs under `<bpffs>/interceptor/<node>/`: the maps (pinned by name) and one link per
-//! program, named `<program>@<cgroup id>`. With the links in place, an enrolled pod's
-//! connects keep going to its outbound listener, which is gone with the daemon, so they
-//! fail instead of leaving in plaintext. A restarted daemon reuses the pinned maps and
+//! bpffs under `<bpffs>/interceptor/<node>/`: the maps (pinned by name), one link per
+//! cgroup program, named `<program>@<cgroup id>`, and one `sk_lookup` link per enrolled
+//! pod's network namespace, named `<program>@netns-<netns cookie>`. With the links in
+//! place, an enrolled pod's connects keep going to its outbound listener, which is gone
+//! with the daemon, so they fail instead of leaving in plaintext. Inbound connections
+//! find no listener in the `LISTENERS` map (the kernel removes closed sockets from it)
+//! and are reset. A restarted daemon reuses the pinned maps and
 //! swaps its freshly loaded programs into the pinned links (`BPF_LINK_UPDATE`), so a
 //! second copy is never stacked. `interceptor uninstall` removes the directory.
 
@@ -18,13 +21,14 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use aya::maps::{HashMap, MapData};
+use aya::maps::{HashMap, MapData, SockHash};
 use aya::programs::links::{CgroupAttachMode, FdLink};
-use aya::programs::{CgroupSockAddr, SockOps};
+use aya::programs::{CgroupSockAddr, SkLookup, SockOps};
 use aya::{Ebpf, EbpfLoader};
 use interceptor_common::{
-    ConnKey, EnrolledCgroup, OrigDst, CONNECT4_PROG, CONNECT6_PROG, ENROLLED_MAP, ORIG_DST_MAP,
-    SOCK_OPS_PROG,
+    ConnKey, DeliveryKey, EnrolledCgroup, Exclusions, InboundPod, ListenerKey, OrigDst,
+    CONNECT4_PROG, CONNECT6_PROG, DELIVERY_MAP, ENROLLED_MAP, INBOUND_MAP, LISTENERS_MAP,
+    ORIG_DST_MAP, OUTBOUND_EXCLUDE_MAP, SK_LOOKUP_PROG, SOCK_OPS_PROG,
 };
 use tracing::{info, warn};
 
@@ -89,6 +93,19 @@ pub enum Error {
         cgroup: PathBuf,
         #[source]
         source: aya::programs::ProgramError,
+    },
+    #[error("attaching program {name} to network namespace {netns} failed")]
+    AttachNetns {
+        name: &'static str,
+        netns: PathBuf,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("opening network namespace {path} failed")]
+    OpenNetns {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
     },
     #[error("pinning link {path} failed")]
     Pin {
@@ -196,11 +213,24 @@ pub fn cgroup_id(path: &Path) -> Result<u64, Error> {
         })
 }
 
+/// An enrolled pod's network namespace, for the `sk_lookup` program.
+#[derive(Debug, Clone)]
+pub struct PodNetns {
+    /// A file that refers to the namespace.
+    pub path: PathBuf,
+    /// The namespace's cookie, which names its link pin.
+    pub cookie: u64,
+}
+
 /// The node's loaded programs and the maps the daemon uses while it runs.
 pub struct NodePrograms {
     _ebpf: Ebpf,
     enrolled: Mutex<HashMap<MapData, u64, EnrolledCgroup>>,
     orig_dst: Mutex<HashMap<MapData, ConnKey, OrigDst>>,
+    outbound_exclude: Mutex<HashMap<MapData, u64, Exclusions>>,
+    inbound: Mutex<HashMap<MapData, u32, InboundPod>>,
+    listeners: Mutex<SockHash<MapData, ListenerKey>>,
+    delivery: Mutex<HashMap<MapData, DeliveryKey, u32>>,
 }
 
 impl std::fmt::Debug for NodePrograms {
@@ -210,9 +240,15 @@ impl std::fmt::Debug for NodePrograms {
 }
 
 impl NodePrograms {
-    /// Loads the programs, attaches them to the node cgroup `cgroup` (or takes over the
-    /// links a previous daemon pinned there) and opens the pinned maps.
-    pub fn install(bpffs: &Path, node: &str, cgroup: &Path) -> Result<Self, Error> {
+    /// Loads the programs, attaches the cgroup programs to the node cgroup `cgroup` and
+    /// `sk_lookup` to each of `pods` (or takes over the links a previous daemon pinned
+    /// there) and opens the pinned maps.
+    pub fn install(
+        bpffs: &Path,
+        node: &str,
+        cgroup: &Path,
+        pods: &[PodNetns],
+    ) -> Result<Self, Error> {
         if OBJECT.is_empty() {
             return Err(Error::NoObject);
         }
@@ -278,36 +314,75 @@ impl NodePrograms {
             }
         }
 
+        attach_sk_lookup(&mut ebpf, &dir, pods)?;
+
         let enrolled = take_hash_map(&mut ebpf, ENROLLED_MAP)?;
         let orig_dst = take_hash_map(&mut ebpf, ORIG_DST_MAP)?;
+        let outbound_exclude = take_hash_map(&mut ebpf, OUTBOUND_EXCLUDE_MAP)?;
+        let inbound = take_hash_map(&mut ebpf, INBOUND_MAP)?;
+        let listeners = ebpf.take_map(LISTENERS_MAP).ok_or(Error::MissingMap {
+            name: LISTENERS_MAP,
+        })?;
+        let listeners = SockHash::try_from(listeners).map_err(|source| Error::Map {
+            name: LISTENERS_MAP,
+            source,
+        })?;
+        let delivery = take_hash_map(&mut ebpf, DELIVERY_MAP)?;
         Ok(Self {
             _ebpf: ebpf,
             enrolled: Mutex::new(enrolled),
             orig_dst: Mutex::new(orig_dst),
+            outbound_exclude: Mutex::new(outbound_exclude),
+            inbound: Mutex::new(inbound),
+            listeners: Mutex::new(listeners),
+            delivery: Mutex::new(delivery),
         })
+    }
+
+    /// Makes the outbound exclusion map hold exactly `entries`, keyed by cgroup id.
+    pub fn set_outbound_exclusions(&self, entries: &[(u64, Exclusions)]) -> Result<(), Error> {
+        replace_entries(&self.outbound_exclude, OUTBOUND_EXCLUDE_MAP, entries)
+    }
+
+    /// Makes the inbound map hold exactly `entries`, keyed by pod address (network byte
+    /// order).
+    pub fn set_inbound(&self, entries: &[(u32, InboundPod)]) -> Result<(), Error> {
+        replace_entries(&self.inbound, INBOUND_MAP, entries)
+    }
+
+    /// Puts the listening socket `listener` into the listeners map under `key`, where
+    /// the `sk_lookup` program finds it. The kernel removes it when it is closed.
+    pub fn add_listener(&self, key: ListenerKey, listener: &impl AsRawFd) -> Result<(), Error> {
+        lock(&self.listeners)
+            .insert(key, listener.as_raw_fd(), 0)
+            .map_err(|source| Error::Map {
+                name: LISTENERS_MAP,
+                source,
+            })
     }
 
     /// Makes the enrolled map hold exactly `entries`, keyed by cgroup id. Entries of
     /// workloads no longer on this node are removed; the others are written in place,
     /// so a workload that stays enrolled is never unenrolled in between.
     pub fn set_enrolled(&self, entries: &[(u64, EnrolledCgroup)]) -> Result<(), Error> {
-        let map_error = |source| Error::Map {
-            name: ENROLLED_MAP,
-            source,
-        };
-        let mut map = lock(&self.enrolled);
-        for (cgroup_id, value) in entries {
-            map.insert(cgroup_id, value, 0).map_err(map_error)?;
+        replace_entries(&self.enrolled, ENROLLED_MAP, entries)
+    }
+
+    /// Registers a delivery connection, so `sk_lookup` passes its SYN to the app.
+    pub fn add_delivery(&self, key: &DeliveryKey) -> Result<(), Error> {
+        lock(&self.delivery)
+            .insert(key, 1, 0)
+            .map_err(|source| Error::Map {
+                name: DELIVERY_MAP,
+                source,
+            })
+    }
+
+    /// Removes a delivery connection's entry once its connect has ended.
+    pub fn remove_delivery(&self, key: &DeliveryKey) {
+        if let Err(error) = lock(&self.delivery).remove(key) {
+            warn!(%error, "removing a delivery entry failed; the LRU map evicts it later");
         }
-        let stale: Vec<u64> = map
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|key| !entries.iter().any(|(id, _)| id == key))
-            .collect();
-        for key in stale {
-            map.remove(&key).map_err(map_error)?;
-        }
-        Ok(())
     }
 
     /// Removes and returns the original destination recorded for the redirected
@@ -320,6 +395,88 @@ impl NodePrograms {
         }
         Some(dst)
     }
+}
+
+/// Makes a pinned hash map hold exactly `entries`: the others are removed, and the
+/// entries are written in place, so a key that stays is never missing in between.
+fn replace_entries<K: aya::Pod + PartialEq, V: aya::Pod>(
+    map: &Mutex<HashMap<MapData, K, V>>,
+    name: &'static str,
+    entries: &[(K, V)],
+) -> Result<(), Error> {
+    let map_error = |source| Error::Map { name, source };
+    let mut map = lock(map);
+    for (key, value) in entries {
+        map.insert(key, value, 0).map_err(map_error)?;
+    }
+    let stale: Vec<K> = map
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|key| !entries.iter().any(|(k, _)| k == key))
+        .collect();
+    for key in stale {
+        map.remove(&key).map_err(map_error)?;
+    }
+    Ok(())
+}
+
+/// Loads `sk_lookup` and links it to each pod's network namespace, taking over links
+/// pinned for the same namespace. Links pinned for namespaces no longer in `pods` are
+/// unpinned, which detaches them.
+fn attach_sk_lookup(ebpf: &mut Ebpf, dir: &Path, pods: &[PodNetns]) -> Result<(), Error> {
+    let name = SK_LOOKUP_PROG;
+    let load = |e| Error::LoadProgram { name, source: e };
+    let program: &mut SkLookup = ebpf
+        .program_mut(name)
+        .ok_or(Error::MissingProgram { name })?
+        .try_into()
+        .map_err(load)?;
+    program.load().map_err(load)?;
+    let current: Vec<PathBuf> = pods
+        .iter()
+        .map(|pod| dir.join(format!("{name}@netns-{}", pod.cookie)))
+        .collect();
+    remove_stale_pins(dir, &format!("{name}@"), &current)?;
+    for (pod, link_path) in pods.iter().zip(&current) {
+        let prog_fd = program.fd().map_err(load)?.as_fd();
+        if take_over_link(link_path, prog_fd)? {
+            continue;
+        }
+        let netns = File::open(&pod.path).map_err(|source| Error::OpenNetns {
+            path: pod.path.clone(),
+            source,
+        })?;
+        let attach = |source| Error::AttachNetns {
+            name,
+            netns: pod.path.clone(),
+            source,
+        };
+        let id = program.attach(&netns).map_err(attach)?;
+        let link: FdLink = program.take_link(id).map_err(attach)?.into();
+        pin_link(link, link_path)?;
+    }
+    Ok(())
+}
+
+/// Unpins every pin of `dir` whose name starts with `prefix` and that is not in `keep`.
+fn remove_stale_pins(dir: &Path, prefix: &str, keep: &[PathBuf]) -> Result<(), Error> {
+    let entries = std::fs::read_dir(dir).map_err(|source| Error::Read {
+        path: dir.to_owned(),
+        source,
+    })?;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let stale =
+            entry.file_name().to_string_lossy().starts_with(prefix) && !keep.contains(&path);
+        if stale {
+            std::fs::remove_file(&path).map_err(|source| Error::Remove {
+                path: path.clone(),
+                source,
+            })?;
+            info!(path = %path.display(), "removed link pinned for a namespace that is no longer enrolled");
+        }
+    }
+    Ok(())
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -42,11 +42,6 @@ use crate::relay::{self, BufferPool};
 use crate::tunnel::{self, LocalWorkload, OrigDstSource, Shared};
 use crate::workloads::{Directory, Registry, Workload};
 
-/// Port of the listener that resets inbound plaintext connections, on the pod IP.
-/// Istio's sidecar receives inbound traffic on the same port number. The tunnel never
-/// delivers to it ([`crate::config::RESERVED_PORTS`]).
-pub const INBOUND_PORT: u16 = 15006;
-
 /// Default of `--mark`: 1337, the mark Istio's sidecar gives its own sockets.
 pub const DEFAULT_MARK: u32 = 0x539;
 
@@ -83,16 +78,6 @@ impl SidecarConfig {
         let mut problems = self.run.validate().err().unwrap_or_default();
         if self.mark == 0 {
             problems.push("--mark 0: must not be 0, the mark of every unmarked packet".to_owned());
-        }
-        for (flag, port) in [
-            ("--outbound-port", self.run.outbound_port),
-            ("--tunnel-port", self.run.tunnel_port),
-        ] {
-            if port == INBOUND_PORT {
-                problems.push(format!(
-                    "{flag} {port}: the sidecar's inbound plaintext listener uses that port"
-                ));
-            }
         }
         if problems.is_empty() {
             Ok(())
@@ -152,7 +137,7 @@ pub async fn run(config: SidecarConfig) -> Result<(), Error> {
     });
     let outbound_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, config.run.outbound_port));
     let tunnel_addr = SocketAddr::from((local.workload.ip, config.run.tunnel_port));
-    let inbound_addr = SocketAddr::from((local.workload.ip, INBOUND_PORT));
+    let inbound_addr = SocketAddr::from((local.workload.ip, config.run.plaintext_port));
     let outbound = daemon::listen(&local, outbound_addr).await?;
     let tunnel = daemon::listen(&local, tunnel_addr).await?;
     let inbound = daemon::listen(&local, inbound_addr).await?;
@@ -198,7 +183,7 @@ pub async fn run(config: SidecarConfig) -> Result<(), Error> {
         mark: config.mark,
         outbound_port: config.run.outbound_port,
         tunnel_port: config.run.tunnel_port,
-        inbound_port: INBOUND_PORT,
+        inbound_port: config.run.plaintext_port,
     };
     let (rules, stale) = iptables.install(&redirect)?;
     if stale > 0 {
@@ -397,6 +382,6 @@ mod tests {
     fn inbound_port_is_reserved() {
         let config = parse(&[]).expect("parse the required flags");
 
-        assert!(config.run.is_reserved_port(INBOUND_PORT));
+        assert!(config.run.is_reserved_port(config.run.plaintext_port));
     }
 }

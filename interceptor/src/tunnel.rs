@@ -12,7 +12,9 @@
 //!
 //! Server side ([`serve_tunnel`]): accepts TLS from any workload of the trust domain,
 //! reads the preamble, delivers only to its own pod's IP and never to the daemon's
-//! ports, answers with a status and relays.
+//! ports, checks the connection against the policies, answers with a status and
+//! relays. In ambient mode the delivery keeps the client's address as its source
+//! (see [`crate::inbound`]).
 //!
 //! Each connection is one `conn` span and ends with exactly one `connection closed`
 //! event carrying bytes each way, duration, identities and the error, if any.
@@ -35,6 +37,8 @@ use crate::ebpf::NodePrograms;
 use crate::identity::SpiffeId;
 use crate::ktls::{self, KtlsStream, RecordBoundedIo};
 use crate::netns::Netns;
+use crate::policy::{Decision, Verdict};
+use crate::policy_store::{ConnectionFacts, OpenConnections, PolicyStore, Registration};
 use crate::protocol::{self, Status};
 use crate::relay::{self, relay, BufferPool, End, SharedTcp, Splice, Transferred};
 use crate::splice::PipePool;
@@ -84,6 +88,10 @@ pub enum Error {
     UnexpectedData { len: usize },
     #[error("handing the tunnel to kernel TLS failed")]
     Ktls(#[source] ktls::Error),
+    #[error("denied by policy {policy}")]
+    Denied { policy: String },
+    #[error("registering the delivery connection for sk_lookup failed")]
+    Delivery(#[source] Box<crate::ebpf::Error>),
     #[error(transparent)]
     Relay(#[from] relay::Error),
 }
@@ -192,6 +200,13 @@ pub struct Shared {
     /// Kernel TLS support here. Tunnels are offloaded per connection when their
     /// negotiated suite allows it.
     pub ktls: ktls::Support,
+    /// Transparent delivery that keeps the client's address, or `None` to deliver
+    /// from the pod's own address (the sidecar baseline).
+    pub delivery: Option<crate::inbound::Delivery>,
+    /// Policies that every inbound connection is checked against.
+    pub policies: Arc<PolicyStore>,
+    /// Open inbound connections, which a policy reload may cut.
+    pub open: Arc<OpenConnections>,
     next_id: AtomicU64,
 }
 
@@ -211,6 +226,11 @@ impl Shared {
             pipes: PipePool::new(POOLED_PIPES),
             metrics: Arc::new(Metrics::default()),
             ktls,
+            delivery: None,
+            policies: Arc::new(PolicyStore::new(crate::policy::Policies::empty(
+                crate::policy::DEFAULT_ROOT_NAMESPACE,
+            ))),
+            open: Arc::new(OpenConnections::default()),
             next_id: AtomicU64::new(1),
         }
     }
@@ -222,7 +242,14 @@ impl Shared {
 
 /// Accepts the redirected connections of `local`'s apps, forever.
 pub async fn serve_outbound(listener: TcpListener, local: Arc<LocalWorkload>, shared: Arc<Shared>) {
-    accept_loop(listener, local, shared, "outbound", outbound).await
+    accept_loop(
+        listener,
+        local,
+        shared,
+        "outbound",
+        |stream, peer, _id, local, shared| outbound(stream, peer, local, shared),
+    )
+    .await
 }
 
 /// Accepts tunnel connections for `local`, forever.
@@ -232,7 +259,7 @@ pub async fn serve_tunnel(listener: TcpListener, local: Arc<LocalWorkload>, shar
         local,
         shared,
         "inbound",
-        |stream, _peer, local, shared| inbound(stream, local, shared),
+        |stream, _peer, id, local, shared| inbound(stream, id, local, shared),
     )
     .await
 }
@@ -240,14 +267,14 @@ pub async fn serve_tunnel(listener: TcpListener, local: Arc<LocalWorkload>, shar
 /// Accepts on `listener` forever and handles each connection in its own task, inside a
 /// `conn` span with a daemon-wide id. Accept errors (such as running out of
 /// descriptors) are logged and retried after a pause.
-async fn accept_loop<F, Fut>(
+pub(crate) async fn accept_loop<F, Fut>(
     listener: TcpListener,
     local: Arc<LocalWorkload>,
     shared: Arc<Shared>,
     dir: &'static str,
     handle: F,
 ) where
-    F: Fn(TcpStream, SocketAddr, Arc<LocalWorkload>, Arc<Shared>) -> Fut,
+    F: Fn(TcpStream, SocketAddr, u64, Arc<LocalWorkload>, Arc<Shared>) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     loop {
@@ -262,34 +289,44 @@ async fn accept_loop<F, Fut>(
         let id = shared.next_id();
         let span = info_span!("conn", id, dir, workload = %local.workload.name, src = %peer);
         tokio::spawn(
-            handle(stream, peer, Arc::clone(&local), Arc::clone(&shared)).instrument(span),
+            handle(stream, peer, id, Arc::clone(&local), Arc::clone(&shared)).instrument(span),
         );
     }
 }
 
 /// Facts about a connection that its close event reports.
 #[derive(Default)]
-struct Summary {
+pub(crate) struct Summary {
     /// "outbound" for this node's apps connecting out, "inbound" for tunnels arriving.
-    direction: &'static str,
-    dst: Option<SocketAddr>,
+    pub(crate) direction: &'static str,
+    pub(crate) dst: Option<SocketAddr>,
     /// The connecting workload's identity: this node's workload on the outbound side,
     /// the authenticated peer on the inbound side.
-    src_identity: Option<SpiffeId>,
+    pub(crate) src_identity: Option<SpiffeId>,
     /// The destination workload's identity, authenticated on the outbound side.
-    dst_identity: Option<SpiffeId>,
-    mode: &'static str,
+    pub(crate) dst_identity: Option<SpiffeId>,
+    pub(crate) mode: &'static str,
     /// Encryption of the tunnel's bytes: "userspace" (rustls), or "none" for
     /// passthrough.
-    tls: &'static str,
+    pub(crate) tls: &'static str,
     /// The cipher kernel TLS runs, when it carries the tunnel.
-    cipher: Option<&'static str>,
+    pub(crate) cipher: Option<&'static str>,
     /// Path of the bytes through the daemon: "copy" through its memory, or "splice".
-    relay: &'static str,
-    moved: Transferred,
+    pub(crate) relay: &'static str,
+    pub(crate) moved: Transferred,
+    /// `namespace/name` of the policy that decided on an inbound connection.
+    pub(crate) policy: Option<String>,
+    /// Dry-run policies that matched an inbound connection, as
+    /// `namespace/name=allow|deny`, comma-separated.
+    pub(crate) dry_run: String,
 }
 
-fn log_close(shared: &Shared, started: Instant, summary: &Summary, result: &Result<(), Error>) {
+pub(crate) fn log_close(
+    shared: &Shared,
+    started: Instant,
+    summary: &Summary,
+    result: &Result<(), Error>,
+) {
     let labels = ConnectionLabels {
         direction: summary.direction,
         mode: summary.mode,
@@ -310,11 +347,15 @@ fn log_close(shared: &Shared, started: Instant, summary: &Summary, result: &Resu
         identity(&summary.dst_identity),
     );
     let duration_ms = started.elapsed().as_millis() as u64;
+    let policy = summary.policy.as_deref().unwrap_or_default();
+    let dry_run = summary.dry_run.as_str();
     match result {
         Ok(()) => info!(
             dst,
             src_identity,
             dst_identity,
+            policy,
+            dry_run,
             mode = summary.mode,
             tls = summary.tls,
             cipher = summary.cipher.unwrap_or_default(),
@@ -328,6 +369,8 @@ fn log_close(shared: &Shared, started: Instant, summary: &Summary, result: &Resu
             dst,
             src_identity,
             dst_identity,
+            policy,
+            dry_run,
             mode = summary.mode,
             tls = summary.tls,
             cipher = summary.cipher.unwrap_or_default(),
@@ -342,7 +385,7 @@ fn log_close(shared: &Shared, started: Instant, summary: &Summary, result: &Resu
 }
 
 /// Formats an error with its sources, `a: b: c`.
-struct ErrorChain<'a>(&'a (dyn std::error::Error + 'static));
+pub(crate) struct ErrorChain<'a>(pub(crate) &'a (dyn std::error::Error + 'static));
 
 impl std::fmt::Display for ErrorChain<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -613,7 +656,7 @@ impl ExtractSecrets for rustls::ServerConnection {
     }
 }
 
-fn app_end(app: &SharedTcp) -> End<SharedTcp, SharedTcp> {
+pub(crate) fn app_end(app: &SharedTcp) -> End<SharedTcp, SharedTcp> {
     End {
         reader: app.clone(),
         writer: app.clone(),
@@ -659,7 +702,7 @@ async fn passthrough(
     result.map_err(Error::from)
 }
 
-async fn inbound(stream: TcpStream, local: Arc<LocalWorkload>, shared: Arc<Shared>) {
+async fn inbound(stream: TcpStream, id: u64, local: Arc<LocalWorkload>, shared: Arc<Shared>) {
     let started = Instant::now();
     let mut summary = Summary {
         direction: "inbound",
@@ -669,12 +712,13 @@ async fn inbound(stream: TcpStream, local: Arc<LocalWorkload>, shared: Arc<Share
         ..Summary::default()
     };
     let tunnel = SharedTcp::new(stream);
-    let result = inbound_inner(&tunnel, &local, &shared, &mut summary).await;
+    let result = inbound_inner(&tunnel, id, &local, &shared, &mut summary).await;
     log_close(&shared, started, &summary, &result);
 }
 
 async fn inbound_inner(
     tunnel_socket: &SharedTcp,
+    id: u64,
     local: &LocalWorkload,
     shared: &Shared,
     summary: &mut Summary,
@@ -709,8 +753,22 @@ async fn inbound_inner(
         return Err(Error::InvalidDestination { dst, pod_ip });
     }
 
+    let facts = ConnectionFacts {
+        identity: summary.src_identity.clone(),
+        source_ip: peer_addr.ip(),
+        namespace: local.workload.spiffe_id.namespace().to_owned(),
+        labels: local.workload.labels.clone(),
+        port: dst.port(),
+    };
+    if let Err(error) = authorize(shared, &facts, summary) {
+        send_final_status(&mut tls, Status::Denied).await;
+        return Err(error);
+    }
+    let mut registration = shared.open.register(id, facts);
+
     let connect_timeout = shared.config.connect_timeout;
-    let upstream = match tokio::time::timeout(connect_timeout, connect_from(local, dst)).await {
+    let delivery = deliver(local, shared, peer_addr.ip(), dst);
+    let upstream = match tokio::time::timeout(connect_timeout, delivery).await {
         Ok(Ok(upstream)) => upstream,
         Ok(Err(error)) => {
             send_final_status(&mut tls, connect_status(&error)).await;
@@ -760,11 +818,88 @@ async fn inbound_inner(
         name: "app",
         tls: false,
     };
-    let (mut moved, result) =
-        relay_tunnel(app, tunnel, tunnel_socket.clone(), shared, false, summary).await;
+    let app_socket = app.socket.clone();
+    let relayed = relay_tunnel(app, tunnel, tunnel_socket.clone(), shared, false, summary);
+    let outcome = until_cut(&mut registration, relayed).await;
+    let (mut moved, result) = match outcome {
+        Ok(relayed) => relayed,
+        Err(verdict) => {
+            relay::set_reset_on_close(app_socket.raw_fd());
+            relay::set_reset_on_close(tunnel_socket.raw_fd());
+            return Err(cut_error(verdict, summary));
+        }
+    };
     moved.tunnel_to_app += prefix.len() as u64;
     summary.moved = moved;
     result.map_err(Error::from)
+}
+
+/// Evaluates `facts` against the policies in force and notes the policy and dry-run
+/// matches in `summary`. Returns [`Error::Denied`] when the policies deny.
+pub(crate) fn authorize(
+    shared: &Shared,
+    facts: &ConnectionFacts,
+    summary: &mut Summary,
+) -> Result<(), Error> {
+    let verdict = facts.evaluate(&shared.policies.current());
+    note_verdict(&verdict, summary);
+    match verdict.decision {
+        Decision::Allow => Ok(()),
+        Decision::Deny => Err(Error::Denied {
+            policy: verdict.policy.unwrap_or_else(|| "none".to_owned()),
+        }),
+    }
+}
+
+fn note_verdict(verdict: &Verdict, summary: &mut Summary) {
+    summary.policy = verdict.policy.clone();
+    let dry_run: Vec<String> = verdict
+        .dry_run
+        .iter()
+        .map(|m| {
+            let decision = match m.decision {
+                Decision::Allow => "allow",
+                Decision::Deny => "deny",
+            };
+            format!("{}={decision}", m.policy)
+        })
+        .collect();
+    summary.dry_run = dry_run.join(",");
+}
+
+/// Runs `relayed` until it ends, or until a policy reload denies the connection. Then
+/// the relay is dropped and the verdict returned, and the caller resets both sockets.
+pub(crate) async fn until_cut<F: std::future::Future>(
+    registration: &mut Registration,
+    relayed: F,
+) -> Result<F::Output, Verdict> {
+    tokio::select! {
+        output = relayed => Ok(output),
+        verdict = registration.cut() => Err(verdict),
+    }
+}
+
+/// Notes a reload's denying `verdict` in `summary` and returns the connection's error.
+pub(crate) fn cut_error(verdict: Verdict, summary: &mut Summary) -> Error {
+    note_verdict(&verdict, summary);
+    Error::Denied {
+        policy: verdict.policy.unwrap_or_else(|| "none".to_owned()),
+    }
+}
+
+/// Connects to the app at `dst` in `local`'s pod. With transparent delivery set up,
+/// the connection comes from `client` (see [`crate::inbound::Delivery`]); otherwise
+/// from the pod's own address.
+pub(crate) async fn deliver(
+    local: &LocalWorkload,
+    shared: &Shared,
+    client: IpAddr,
+    dst: SocketAddr,
+) -> Result<TcpStream, Error> {
+    match (&shared.delivery, client) {
+        (Some(delivery), IpAddr::V4(client)) => delivery.connect(local, client, dst).await,
+        _ => connect_from(local, dst).await,
+    }
 }
 
 /// Maps a failed delivery to the status the client side turns into a reset.

@@ -23,7 +23,7 @@ pub mod sidecar;
 mod topology;
 
 pub use capture::Capture;
-pub use mesh_config::write_mesh_config;
+pub use mesh_config::{write_mesh_config, write_mesh_config_with, DirectoryExtras};
 pub use pcap::{contains, tcp_payloads, tls_record_counts, Segment};
 pub use privileges::require_privileges;
 pub use process::spawn_in;

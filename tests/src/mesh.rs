@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::{spawn_in, write_mesh_config, Island, Pod};
+use crate::{spawn_in, write_mesh_config_with, DirectoryExtras, Island, Pod};
 
 /// Trust domain of test and demo meshes.
 pub const TRUST_DOMAIN: &str = "cluster.local";
@@ -100,7 +100,24 @@ impl Mesh {
         enrolled: &[&Pod],
         daemon_args: &[&str],
     ) -> io::Result<Mesh> {
-        prepare_work_dir(island, work_dir, enrolled)?;
+        Self::start_with(
+            island,
+            work_dir,
+            enrolled,
+            &DirectoryExtras::default(),
+            daemon_args,
+        )
+    }
+
+    /// Starts the mesh as [`Mesh::start`] does, with `extras` added to the directory.
+    pub fn start_with(
+        island: &Island,
+        work_dir: &Path,
+        enrolled: &[&Pod],
+        extras: &DirectoryExtras,
+        daemon_args: &[&str],
+    ) -> io::Result<Mesh> {
+        prepare_work_dir(island, work_dir, enrolled, extras)?;
         let mut mesh = Mesh {
             work_dir: work_dir.to_owned(),
             nodes: island.nodes().iter().map(|n| n.name.clone()).collect(),
@@ -309,9 +326,16 @@ pub(crate) fn prepare_work_dir(
     island: &Island,
     work_dir: &Path,
     enrolled: &[&Pod],
+    extras: &DirectoryExtras,
 ) -> io::Result<()> {
     std::fs::create_dir_all(work_dir)?;
-    write_mesh_config(island, &work_dir.join("mesh.toml"), TRUST_DOMAIN, enrolled)?;
+    write_mesh_config_with(
+        island,
+        &work_dir.join("mesh.toml"),
+        TRUST_DOMAIN,
+        enrolled,
+        extras,
+    )?;
     let ca_dir = work_dir.join("ca");
     if !ca_dir.join("ca-key.pem").exists() {
         let status = Command::new(interceptor_bin())

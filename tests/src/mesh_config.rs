@@ -1,5 +1,6 @@
 //! The daemon's workload directory file for an island, written as TOML.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::fs;
 use std::io;
@@ -19,7 +20,33 @@ pub fn write_mesh_config(
     trust_domain: &str,
     enrolled: &[&Pod],
 ) -> io::Result<()> {
-    let text = render_mesh_config(island.nodes(), trust_domain, enrolled)?;
+    write_mesh_config_with(
+        island,
+        path,
+        trust_domain,
+        enrolled,
+        &DirectoryExtras::default(),
+    )
+}
+
+/// TOML lines added to a workload directory. `top` goes at the end of the file, where
+/// tables such as `[namespaces.NAME]` belong. Each entry of `sections` goes at the end
+/// of the `[[nodes]]` or `[[workloads]]` entry of the node or pod of that name.
+#[derive(Clone, Debug, Default)]
+pub struct DirectoryExtras {
+    pub top: String,
+    pub sections: BTreeMap<String, String>,
+}
+
+/// Writes the workload directory as [`write_mesh_config`] does, with `extras` added.
+pub fn write_mesh_config_with(
+    island: &Island,
+    path: &Path,
+    trust_domain: &str,
+    enrolled: &[&Pod],
+    extras: &DirectoryExtras,
+) -> io::Result<()> {
+    let text = render_mesh_config(island.nodes(), trust_domain, enrolled, extras)?;
     fs::write(path, text).map_err(|err| {
         io::Error::new(
             err.kind(),
@@ -28,17 +55,24 @@ pub fn write_mesh_config(
     })
 }
 
-fn render_mesh_config(nodes: &[Node], trust_domain: &str, enrolled: &[&Pod]) -> io::Result<String> {
+fn render_mesh_config(
+    nodes: &[Node],
+    trust_domain: &str,
+    enrolled: &[&Pod],
+    extras: &DirectoryExtras,
+) -> io::Result<String> {
     let mut text = String::new();
     // Writing to a String cannot fail, so the fmt::Results below are ignored.
     let _ = writeln!(text, "trust_domain = {}", toml_string(trust_domain));
+    let section_extra = |name: &str| extras.sections.get(name).cloned().unwrap_or_default();
 
     for node in nodes {
         let _ = write!(
             text,
-            "\n[[nodes]]\nname = {}\ncgroup = {}\n",
+            "\n[[nodes]]\nname = {}\ncgroup = {}\n{}",
             toml_string(&node.name),
             toml_string(&node.cgroup.to_string_lossy()),
+            section_extra(&node.name),
         );
     }
 
@@ -55,14 +89,18 @@ fn render_mesh_config(nodes: &[Node], trust_domain: &str, enrolled: &[&Pod]) -> 
         let _ = write!(
             text,
             "\n[[workloads]]\nname = {}\nnamespace = \"default\"\nservice_account = {}\n\
-             node = {}\nip = {}\nnetns = {}\ncgroup = {}\n",
+             node = {}\nip = {}\nnetns = {}\ncgroup = {}\n{}",
             toml_string(&pod.name),
             toml_string(&pod.short_name),
             toml_string(&pod.node),
             toml_string(&pod.ip.to_string()),
             toml_string(&pod.netns_path.to_string_lossy()),
             toml_string(&pod.cgroup.to_string_lossy()),
+            section_extra(&pod.name),
         );
+    }
+    if !extras.top.is_empty() {
+        let _ = write!(text, "\n{}", extras.top);
     }
     Ok(text)
 }
@@ -108,8 +146,13 @@ mod tests {
         let pods = spec.pods();
         let enrolled = [&pods[0], &pods[3]];
 
-        let text =
-            render_mesh_config(&spec.nodes(), "cluster.local", &enrolled).expect("render config");
+        let text = render_mesh_config(
+            &spec.nodes(),
+            "cluster.local",
+            &enrolled,
+            &DirectoryExtras::default(),
+        )
+        .expect("render config");
 
         let expected = r#"trust_domain = "cluster.local"
 
@@ -150,8 +193,13 @@ cgroup = "interceptor/tst-n2/p2"
         };
         let foreign = other.pods().remove(0);
 
-        let err = render_mesh_config(&spec().nodes(), "cluster.local", &[&foreign])
-            .expect_err("pod of another island");
+        let err = render_mesh_config(
+            &spec().nodes(),
+            "cluster.local",
+            &[&foreign],
+            &DirectoryExtras::default(),
+        )
+        .expect_err("pod of another island");
 
         assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
     }

@@ -48,7 +48,12 @@ impl SidecarMesh {
         enrolled: &[&Pod],
         sidecar_args: &[&str],
     ) -> io::Result<SidecarMesh> {
-        prepare_work_dir(island, work_dir, enrolled)?;
+        prepare_work_dir(
+            island,
+            work_dir,
+            enrolled,
+            &crate::DirectoryExtras::default(),
+        )?;
         let mut mesh = SidecarMesh {
             work_dir: work_dir.to_owned(),
             sidecars: Vec::with_capacity(enrolled.len()),

@@ -325,7 +325,8 @@ fn daemon_down_fails_closed_and_restart_takes_over() {
         names.sort();
         names
     };
-    assert_eq!(links(&pins).len(), 3, "pinned links: {:?}", links(&pins));
+    // Three cgroup programs on the node, and sk_lookup in each of its two pods.
+    assert_eq!(links(&pins).len(), 5, "pinned links: {:?}", links(&pins));
 
     setup.mesh.stop_daemon(1).expect("stopping the daemon");
     let pcap = setup.work_dir.join("wire.pcap");

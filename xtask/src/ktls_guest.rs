@@ -23,6 +23,8 @@ pub const STAGE: &str = "kTLS guest";
 const GUEST_TESTS: &[(&str, &[&str])] = &[
     ("interceptor", &["--lib", "--bins"]),
     ("interceptor-tests", &["--test", "e2e"]),
+    // sk_lookup and transparent delivery on the stock kernel, the oldest one tested.
+    ("interceptor-tests", &["--test", "inbound"]),
 ];
 
 /// `INTERCEPTOR_TIME_SCALE` in the guest, unless the caller sets it: TCG runs code 10

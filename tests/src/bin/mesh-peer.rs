@@ -10,6 +10,7 @@
 //! mesh-peer reset LISTEN_ADDR
 //! mesh-peer client CONNECT_ADDR --bytes N [--expect-banner TEXT] [--no-half-close] [--repeat K]
 //! mesh-peer connect-only CONNECT_ADDR
+//! mesh-peer hold CONNECT_ADDR
 //! ```
 //!
 //! - `echo` accepts connections, one thread each, and writes back every byte it reads.
@@ -26,6 +27,9 @@
 //!   cannot deadlock on full socket buffers. `--repeat K` runs K such connections one
 //!   after another and reports the totals, stopping at the first failure.
 //! - `connect-only` connects and closes, to check whether a connection is possible.
+//! - `hold` connects, then reads and discards until the connection ends, with no
+//!   deadline after the connect, to see whether and how an idle open connection is
+//!   cut.
 //!
 //! Every step of `client` and `connect-only` shares one 10 s deadline, multiplied by
 //! `INTERCEPTOR_TIME_SCALE` when that is set (see `interceptor_tests::mesh::time_scale`).
@@ -46,6 +50,10 @@
 //!                                        client, on failure
 //! result=connected local=ADDR peer=ADDR  connect-only, on success
 //! result=KIND stage=connect error=TEXT   connect-only, on failure
+//! connected local=ADDR                   hold, once connected
+//! result=eof read=N                      hold, when the server closed the connection
+//! result=KIND read=N stage=read error=TEXT
+//!                                        hold, when reading failed
 //! ```
 //!
 //! `sent` counts the bytes the kernel accepted for sending and `received` the echo bytes
@@ -93,6 +101,7 @@ usage: mesh-peer echo LISTEN_ADDR
        mesh-peer reset LISTEN_ADDR
        mesh-peer client CONNECT_ADDR --bytes N [--expect-banner TEXT] [--no-half-close] [--repeat K]
        mesh-peer connect-only CONNECT_ADDR
+       mesh-peer hold CONNECT_ADDR
 ADDR is IP:PORT, for example 10.9.2.11:8080";
 
 /// Why a client run failed; each kind has its own exit code.
@@ -216,6 +225,7 @@ fn main() -> ExitCode {
         ["reset", addr] => parse_addr(addr).map(|addr| serve(addr, ServerMode::Reset)),
         ["client", addr, options @ ..] => parse_client(addr, options).map(run_client),
         ["connect-only", addr] => parse_addr(addr).map(connect_only),
+        ["hold", addr] => parse_addr(addr).map(hold),
         _ => Err("unknown mode or wrong number of arguments".to_owned()),
     };
     match result {
@@ -562,6 +572,41 @@ fn connect_only(addr: SocketAddr) -> ExitCode {
             let kind = FailureKind::from_io(&err);
             emit(&format!("result={} stage=connect error={err}", kind.name()));
             ExitCode::from(kind.exit_code())
+        }
+    }
+}
+
+fn hold(addr: SocketAddr) -> ExitCode {
+    let mut stream = match TcpStream::connect_timeout(&addr, client_timeout()) {
+        Ok(stream) => stream,
+        Err(err) => {
+            let kind = FailureKind::from_io(&err);
+            emit(&format!("result={} stage=connect error={err}", kind.name()));
+            return ExitCode::from(kind.exit_code());
+        }
+    };
+    let local = stream
+        .local_addr()
+        .map_or_else(|_| "unknown".to_owned(), |local| local.to_string());
+    emit(&format!("connected local={local}"));
+    let mut read = 0usize;
+    let mut buf = vec![0u8; CHUNK_LEN];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => {
+                emit(&format!("result=eof read={read}"));
+                return ExitCode::SUCCESS;
+            }
+            Ok(n) => read += n,
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+            Err(err) => {
+                let kind = FailureKind::from_io(&err);
+                emit(&format!(
+                    "result={} read={read} stage=read error={err}",
+                    kind.name()
+                ));
+                return ExitCode::from(kind.exit_code());
+            }
         }
     }
 }
