@@ -26,12 +26,14 @@ use crate::identity::CertificateAuthority;
 use crate::inbound;
 use crate::ktls;
 use crate::netns::Netns;
-use crate::policy::{Policies, DEFAULT_ROOT_NAMESPACE};
-use crate::policy_store::{self, PolicyStore};
+use crate::policy::{self, Policies, PolicyStore, PolicyWatcher, DEFAULT_ROOT_NAMESPACE};
 use crate::relay::BufferPool;
 use crate::tls::TunnelOptions;
 use crate::tunnel::{self, LocalWorkload, OrigDstSource, Shared, TlsConfigs};
 use crate::workloads::{Directory, Registry, Workload};
+
+/// How often the daemon checks the `--policies` files for changes.
+const POLICY_POLL_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Listen backlog of the in-pod listeners.
 pub(crate) const BACKLOG: i32 = 1024;
@@ -130,19 +132,16 @@ pub async fn run(config: RunConfig) -> Result<(), Error> {
         })?
         .clone();
     let ca = load_ca(&config, &directory)?;
-    let (policies, policy_files) = match &config.policies {
-        Some(path) => {
-            let (policies, seen) =
-                policy_store::load(path, DEFAULT_ROOT_NAMESPACE).map_err(|source| {
-                    Error::Policies {
-                        path: path.clone(),
-                        source,
-                    }
-                })?;
-            (policies, Some((path.clone(), seen)))
-        }
-        None => (Policies::empty(DEFAULT_ROOT_NAMESPACE), None),
-    };
+    let policy_watcher = config
+        .policies
+        .as_ref()
+        .map(|path| {
+            PolicyWatcher::load(path, DEFAULT_ROOT_NAMESPACE).map_err(|source| Error::Policies {
+                path: path.clone(),
+                source,
+            })
+        })
+        .transpose()?;
 
     let cgroup2 = ebpf::cgroup2_mount()?;
     check_own_cgroup(&node.cgroup)?;
@@ -235,17 +234,19 @@ pub async fn run(config: RunConfig) -> Result<(), Error> {
         mark: DELIVERY_MARK,
         programs,
     });
-    shared.policies = Arc::new(PolicyStore::new(policies));
+    shared.policies = match &policy_watcher {
+        Some(watcher) => watcher.store(),
+        None => Arc::new(PolicyStore::new(Policies::empty(DEFAULT_ROOT_NAMESPACE))),
+    };
     let shared = Arc::new(shared);
-    if let Some((path, seen)) = policy_files {
-        tokio::spawn(policy_store::watch(
-            Arc::clone(&shared.policies),
-            path,
-            DEFAULT_ROOT_NAMESPACE.to_owned(),
-            seen,
-            Arc::clone(&shared.open),
-            config.policy_reload_cuts_denied,
-        ));
+    if let Some(watcher) = policy_watcher {
+        if config.policy_reload_cuts_denied {
+            tokio::spawn(policy::cut_denied_on_reload(
+                watcher.store(),
+                Arc::clone(&shared.open),
+            ));
+        }
+        tokio::spawn(watcher.run(POLICY_POLL_INTERVAL));
     }
     let admin = TcpListener::bind(config.admin_addr)
         .await

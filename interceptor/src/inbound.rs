@@ -47,7 +47,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 use crate::config::{DELIVERY_MARK, DELIVERY_ROUTE_TABLE};
 use crate::ebpf::NodePrograms;
-use crate::policy_store::ConnectionFacts;
+use crate::policy::ConnectionFacts;
 use crate::relay::{self, relay, End, SharedTcp};
 use crate::tunnel::{self, Error, LocalWorkload, Shared, Summary};
 use crate::workloads::{self, InboundMode, Node, Workload};

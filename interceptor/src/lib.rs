@@ -10,7 +10,6 @@ pub mod inbound;
 pub mod ktls;
 pub mod netns;
 pub mod policy;
-pub mod policy_store;
 pub mod protocol;
 pub mod relay;
 pub mod sidecar;

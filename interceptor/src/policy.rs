@@ -10,6 +10,7 @@
 //! A workload that no ALLOW policy applies to accepts every connection that no DENY policy
 //! matched. Dry-run policies never change the decision.
 
+mod connections;
 mod load;
 mod store;
 
@@ -22,6 +23,7 @@ use ipnet::IpNet;
 
 use crate::identity::SpiffeId;
 
+pub use connections::{cut_denied_on_reload, ConnectionFacts, OpenConnections, Registration};
 pub use store::{PolicyStore, PolicyWatcher, Reload};
 
 /// Namespace whose policies apply to every workload of the mesh, as in Istio.

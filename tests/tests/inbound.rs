@@ -645,7 +645,6 @@ spec:
 /// client, n2-p1 a permissive server labelled `app=web`. The policy file denies the
 /// plaintext client on port 8080 and the mesh client on port 8083; port 8084 is open.
 #[test]
-#[ignore = "TODO: enable once the policy evaluator replaces the allow-all interface"]
 fn denied_clients_are_reset() {
     let policy_path = std::env::temp_dir()
         .join("interceptor-e2e-inpolicy")
