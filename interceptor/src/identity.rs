@@ -7,6 +7,11 @@
 //! `ca-key.pem`. [`CertificateAuthority::init`] creates them once and
 //! [`CertificateAuthority::load`] reads them at start. SVID key pairs are generated in
 //! memory by [`CertificateAuthority::issue`] and never written to disk.
+//!
+//! With the CA service (`interceptor ca serve`), node daemons generate their key pairs
+//! themselves and send only a CSR ([`generate_csr`]), which the CA signs with
+//! [`CertificateAuthority::sign_csr`]. A node daemon's own identity is a [`NodeId`],
+//! `spiffe://<trust-domain>/node/<name>`, which it uses only to authenticate to the CA.
 
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
@@ -41,7 +46,7 @@ const MAX_TRUST_DOMAIN_LEN: usize = 255;
 const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 60 * 60);
 /// How far `not_before` is backdated, so that a peer whose clock runs slightly behind
 /// still accepts a freshly issued certificate.
-const CLOCK_SKEW: Duration = Duration::from_secs(60);
+pub const CLOCK_SKEW: Duration = Duration::from_secs(60);
 const CA_COMMON_NAME: &str = "interceptor root CA";
 const SPIFFE_SCHEME_PREFIX: &str = "spiffe://";
 
@@ -128,6 +133,20 @@ pub enum Error {
     MissingSpiffeId,
     #[error("more than one URI SAN in the certificate ({count}), but an SVID carries exactly one")]
     MultipleUriSans { count: usize },
+    #[error("invalid node SPIFFE ID {value:?}: {reason}")]
+    InvalidNodeId { value: String, reason: String },
+    #[error("building a CSR for {uri} failed")]
+    BuildCsr {
+        uri: String,
+        #[source]
+        source: rcgen::Error,
+    },
+    #[error("signing the certificate for {uri} failed")]
+    SignCsr {
+        uri: String,
+        #[source]
+        source: rcgen::Error,
+    },
 }
 
 /// A SPIFFE trust domain name, such as `cluster.local`.
@@ -272,6 +291,111 @@ impl fmt::Display for SpiffeId {
             "{SPIFFE_SCHEME_PREFIX}{}/ns/{}/sa/{}",
             self.trust_domain, self.namespace, self.service_account
         )
+    }
+}
+
+/// The SPIFFE ID of a node daemon: `spiffe://<trust-domain>/node/<name>`.
+///
+/// The CA issues it in exchange for the node's join token, and the daemon presents it
+/// only to the CA, never on a tunnel. The name follows the rules of a workload path
+/// segment.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NodeId {
+    trust_domain: TrustDomain,
+    name: String,
+}
+
+impl NodeId {
+    /// Builds the SPIFFE ID of node `name`.
+    pub fn new(trust_domain: TrustDomain, name: &str) -> Result<Self, Error> {
+        validate_path_segment("node name", name).map_err(|reason| Error::InvalidNodeId {
+            value: format!("{SPIFFE_SCHEME_PREFIX}{trust_domain}/node/{name}"),
+            reason,
+        })?;
+        Ok(Self {
+            trust_domain,
+            name: name.to_owned(),
+        })
+    }
+
+    pub fn trust_domain(&self) -> &TrustDomain {
+        &self.trust_domain
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl FromStr for NodeId {
+    type Err = Error;
+
+    fn from_str(value: &str) -> Result<Self, Error> {
+        let invalid = |reason: String| Error::InvalidNodeId {
+            value: value.to_owned(),
+            reason,
+        };
+        if value.len() > MAX_SPIFFE_ID_LEN {
+            return Err(invalid("is longer than 2048 bytes".to_owned()));
+        }
+        let rest = value
+            .strip_prefix(SPIFFE_SCHEME_PREFIX)
+            .ok_or_else(|| invalid("must start with spiffe://".to_owned()))?;
+        let shape = "path must be /node/<name>";
+        let (authority, path) = rest
+            .split_once('/')
+            .ok_or_else(|| invalid(shape.to_owned()))?;
+        let trust_domain: TrustDomain = authority
+            .parse()
+            .map_err(|error: Error| invalid(error.to_string()))?;
+        let name = path
+            .strip_prefix("node/")
+            .ok_or_else(|| invalid(shape.to_owned()))?;
+        if name.contains(['/', '?', '#']) {
+            return Err(invalid(shape.to_owned()));
+        }
+        Self::new(trust_domain, name)
+    }
+}
+
+impl fmt::Display for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{SPIFFE_SCHEME_PREFIX}{}/node/{}",
+            self.trust_domain, self.name
+        )
+    }
+}
+
+/// Returns the SPIFFE ID that the CA service presents as a TLS server:
+/// `spiffe://<trust-domain>/ca`.
+pub fn ca_service_id(trust_domain: &TrustDomain) -> String {
+    format!("{SPIFFE_SCHEME_PREFIX}{trust_domain}/ca")
+}
+
+/// What a leaf certificate may be used for, which sets its extended key usages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LeafUsage {
+    /// A workload SVID: serverAuth and clientAuth, because every workload is both ends
+    /// of tunnels.
+    Workload,
+    /// A node SVID: clientAuth only, because a node authenticates only to the CA.
+    Node,
+    /// The CA service's certificate: serverAuth only.
+    CaService,
+}
+
+impl LeafUsage {
+    fn extended_key_usages(self) -> Vec<ExtendedKeyUsagePurpose> {
+        match self {
+            LeafUsage::Workload => vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+            LeafUsage::Node => vec![ExtendedKeyUsagePurpose::ClientAuth],
+            LeafUsage::CaService => vec![ExtendedKeyUsagePurpose::ServerAuth],
+        }
     }
 }
 
@@ -449,22 +573,15 @@ impl CertificateAuthority {
         };
 
         let key = generate_key_pair()?;
-        let uri = id.to_string().try_into().map_err(sign_error)?;
         let serial = random_serial()?;
-        let mut params = CertificateParams::default();
-        // An SVID's subject is empty, so rcgen marks the URI SAN critical (RFC 5280 4.2.1.6).
-        params.distinguished_name = DistinguishedName::new();
-        params.subject_alt_names = vec![SanType::URI(uri)];
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        params.not_before = not_before.into();
-        params.not_after = not_after.into();
-        params.serial_number = Some(SerialNumber::from_slice(&serial));
-        params.use_authority_key_identifier_extension = true;
+        let params = leaf_params(
+            &id.to_string(),
+            LeafUsage::Workload,
+            not_before,
+            not_after,
+            &serial,
+        )
+        .map_err(sign_error)?;
         let cert = params.signed_by(&key, &self.issuer).map_err(sign_error)?;
 
         Ok(Svid {
@@ -474,6 +591,71 @@ impl CertificateAuthority {
             not_after,
             serial: hex(&serial),
         })
+    }
+
+    /// Signs the public key of a verified CSR into a leaf certificate for `uri`, valid
+    /// from `not_before` to `not_after` (truncated to whole seconds and cut at the root's
+    /// end). Returns the chain without the root, leaf first.
+    ///
+    /// Only the CSR's public key is used: the URI SAN, key usages and validity come from
+    /// the arguments, so a CSR cannot ask for more than the caller checked.
+    pub fn sign_csr(
+        &self,
+        csr: &rcgen::CertificateSigningRequestParams,
+        uri: &str,
+        usage: LeafUsage,
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> Result<Vec<CertificateDer<'static>>, Error> {
+        let sign_error = |source| Error::SignCsr {
+            uri: uri.to_owned(),
+            source,
+        };
+        let not_before = whole_seconds(not_before);
+        let not_after = whole_seconds(not_after.min(self.not_after));
+        if not_before >= not_after {
+            return Err(Error::InvalidCertificate {
+                reason: format!("empty validity for {uri}: the CA root expires first"),
+            });
+        }
+        let serial = random_serial()?;
+        let params = leaf_params(uri, usage, not_before, not_after, &serial).map_err(sign_error)?;
+        let request = rcgen::CertificateSigningRequestParams {
+            params,
+            public_key: csr.public_key.clone(),
+        };
+        let cert = request.signed_by(&self.issuer).map_err(sign_error)?;
+        Ok(vec![cert.der().clone()])
+    }
+
+    /// Issues a leaf with a fresh key pair for `uri`, valid from 60 seconds ago for
+    /// `lifetime`: the CA service's own TLS certificate.
+    pub fn issue_leaf(
+        &self,
+        uri: &str,
+        usage: LeafUsage,
+        lifetime: Duration,
+    ) -> Result<(Vec<CertificateDer<'static>>, PrivatePkcs8KeyDer<'static>), Error> {
+        let sign_error = |source| Error::SignCsr {
+            uri: uri.to_owned(),
+            source,
+        };
+        let now = SystemTime::now();
+        let not_before = whole_seconds(now.checked_sub(CLOCK_SKEW).unwrap_or(now));
+        let not_after = whole_seconds((now + lifetime).min(self.not_after));
+        let key = generate_key_pair()?;
+        let serial = random_serial()?;
+        let params = leaf_params(uri, usage, not_before, not_after, &serial).map_err(sign_error)?;
+        let cert = params.signed_by(&key, &self.issuer).map_err(sign_error)?;
+        Ok((
+            vec![cert.der().clone()],
+            PrivatePkcs8KeyDer::from(key.serialize_der()),
+        ))
+    }
+
+    /// Returns the CA's own certificate, the root of the chains it signs.
+    pub fn certificate(&self) -> &CertificateDer<'static> {
+        &self.cert
     }
 
     /// Signs a certificate with arbitrary parameters and returns it with its private key,
@@ -518,25 +700,7 @@ impl fmt::Debug for Svid {
 ///
 /// Only parses the certificate: the caller verifies its signature and validity.
 pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<SpiffeId, Error> {
-    let parsed = parse_certificate(cert).map_err(|reason| Error::InvalidCertificate { reason })?;
-    let san = parsed
-        .subject_alternative_name()
-        .map_err(|error| Error::InvalidCertificate {
-            reason: format!("subject alternative name: {error}"),
-        })?;
-    let uris: Vec<&str> = san
-        .iter()
-        .flat_map(|san| san.value.general_names.iter())
-        .filter_map(|name| match name {
-            GeneralName::URI(uri) => Some(*uri),
-            _ => None,
-        })
-        .collect();
-    match uris.as_slice() {
-        [] => Err(Error::MissingSpiffeId),
-        [uri] => uri.parse(),
-        _ => Err(Error::MultipleUriSans { count: uris.len() }),
-    }
+    uri_san_of(cert)?.parse()
 }
 
 fn parse_certificate<'a>(cert: &'a CertificateDer<'_>) -> Result<X509Certificate<'a>, String> {
@@ -570,6 +734,90 @@ fn ca_trust_domain(cert: &X509Certificate<'_>) -> Result<TrustDomain, String> {
         .ok_or_else(|| format!("URI SAN {uri:?} is not a SPIFFE ID"))?
         .parse()
         .map_err(|error: Error| error.to_string())
+}
+
+/// Builds the parameters of an end-entity certificate whose only SAN is the URI `uri`,
+/// with key usage digitalSignature, the extended key usages of `usage` and `serial`.
+fn leaf_params(
+    uri: &str,
+    usage: LeafUsage,
+    not_before: SystemTime,
+    not_after: SystemTime,
+    serial: &[u8],
+) -> Result<CertificateParams, rcgen::Error> {
+    let mut params = CertificateParams::default();
+    // An SVID's subject is empty, so rcgen marks the URI SAN critical (RFC 5280 4.2.1.6).
+    params.distinguished_name = DistinguishedName::new();
+    params.subject_alt_names = vec![SanType::URI(uri.try_into()?)];
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = usage.extended_key_usages();
+    params.not_before = not_before.into();
+    params.not_after = not_after.into();
+    params.serial_number = Some(SerialNumber::from_slice(serial));
+    params.use_authority_key_identifier_extension = true;
+    Ok(params)
+}
+
+/// Generates a P-256 key pair and a CSR whose only SAN is the URI `uri`. Returns the
+/// CSR in PEM and the private key, which the caller keeps in memory.
+pub fn generate_csr(uri: &str) -> Result<(String, PrivatePkcs8KeyDer<'static>), Error> {
+    let csr_error = |source| Error::BuildCsr {
+        uri: uri.to_owned(),
+        source,
+    };
+    let key = generate_key_pair()?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params.subject_alt_names = vec![SanType::URI(uri.try_into().map_err(csr_error)?)];
+    let csr = params.serialize_request(&key).map_err(csr_error)?;
+    let pem = csr.pem().map_err(csr_error)?;
+    Ok((pem, PrivatePkcs8KeyDer::from(key.serialize_der())))
+}
+
+/// Returns the single URI SAN of a certificate.
+pub fn uri_san_of(cert: &CertificateDer<'_>) -> Result<String, Error> {
+    let parsed = parse_certificate(cert).map_err(|reason| Error::InvalidCertificate { reason })?;
+    let san = parsed
+        .subject_alternative_name()
+        .map_err(|error| Error::InvalidCertificate {
+            reason: format!("subject alternative name: {error}"),
+        })?;
+    let uris: Vec<&str> = san
+        .iter()
+        .flat_map(|san| san.value.general_names.iter())
+        .filter_map(|name| match name {
+            GeneralName::URI(uri) => Some(*uri),
+            _ => None,
+        })
+        .collect();
+    match uris.as_slice() {
+        [] => Err(Error::MissingSpiffeId),
+        [uri] => Ok((*uri).to_owned()),
+        _ => Err(Error::MultipleUriSans { count: uris.len() }),
+    }
+}
+
+/// Returns the validity period of a certificate as (not_before, not_after).
+pub fn validity_of(cert: &CertificateDer<'_>) -> Result<(SystemTime, SystemTime), Error> {
+    let parsed = parse_certificate(cert).map_err(|reason| Error::InvalidCertificate { reason })?;
+    Ok((
+        system_time(parsed.validity().not_before.timestamp()),
+        system_time(parsed.validity().not_after.timestamp()),
+    ))
+}
+
+/// Returns the serial number of a certificate in lowercase hex.
+pub fn serial_of(cert: &CertificateDer<'_>) -> Result<String, Error> {
+    let parsed = parse_certificate(cert).map_err(|reason| Error::InvalidCertificate { reason })?;
+    Ok(hex(parsed.raw_serial()))
+}
+
+/// Reads the trust domain of a root certificate from its `spiffe://<trust-domain>` URI
+/// SAN.
+pub fn trust_domain_of_root(cert: &CertificateDer<'_>) -> Result<TrustDomain, Error> {
+    let parsed = parse_certificate(cert).map_err(|reason| Error::InvalidCertificate { reason })?;
+    ca_trust_domain(&parsed).map_err(|reason| Error::InvalidCertificate { reason })
 }
 
 /// Builds the parameters of a self-signed root for `trust_domain` that is valid for

@@ -2,6 +2,7 @@
 //! binary wires them to its command line; the end-to-end tests use some directly.
 
 pub mod admin;
+pub mod ca;
 pub mod config;
 pub mod daemon;
 pub mod ebpf;
