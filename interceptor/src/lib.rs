@@ -7,6 +7,7 @@ pub mod config;
 pub mod daemon;
 pub mod ebpf;
 pub mod identity;
+pub mod identity_manager;
 pub mod ktls;
 pub mod netns;
 pub mod policy;
