@@ -106,6 +106,12 @@ pub struct RunConfig {
     #[arg(long, env = "INTERCEPTOR_SVID_LIFETIME", default_value = "1h", value_parser = parse_duration)]
     pub svid_lifetime: Duration,
 
+    /// Lifetime of the node SVID from the CA service, e.g. `24h`; renewed like workload
+    /// SVIDs. A daemon whose node SVID expired (for example during a longer CA outage)
+    /// needs a new join token.
+    #[arg(long, env = "INTERCEPTOR_NODE_SVID_LIFETIME", default_value = "24h", value_parser = parse_duration)]
+    pub node_svid_lifetime: Duration,
+
     /// Number of async worker threads.
     #[arg(long, env = "INTERCEPTOR_WORKER_THREADS", default_value_t = 2)]
     pub worker_threads: usize,
@@ -171,6 +177,12 @@ impl RunConfig {
                     .to_owned(),
             ),
             _ => {}
+        }
+        if self.node_svid_lifetime < Duration::from_secs(2) {
+            problems.push(format!(
+                "--node-svid-lifetime {:?}: must be at least 2s",
+                self.node_svid_lifetime
+            ));
         }
         if self.bundle_refresh.is_zero() {
             problems.push("--bundle-refresh 0s: must be longer than zero".to_owned());

@@ -123,6 +123,7 @@ pub struct Manager {
     addr: SocketAddr,
     state: NodeState,
     lifetime: Duration,
+    node_lifetime: Duration,
     bundle_refresh: Duration,
     max_clock_skew: Duration,
     clock: Clock,
@@ -197,6 +198,7 @@ impl Manager {
             addr,
             state,
             lifetime: config.svid_lifetime,
+            node_lifetime: config.node_svid_lifetime,
             bundle_refresh: config.bundle_refresh,
             max_clock_skew: config.max_clock_skew,
             clock,
@@ -325,12 +327,21 @@ impl Manager {
             let Some(current) = lock(&self.svids).get(&name).cloned() else {
                 return;
             };
-            self.wait_for_renewal(&current, &mut signer_changes).await;
-            let issued = self.renew_until_done(&name, &uri, &current, &metrics).await;
+            self.wait_for_renewal(&current, self.lifetime, &mut signer_changes)
+                .await;
+            let issued = self
+                .renew_until_done(&name, &uri, &current, self.lifetime, &metrics)
+                .await;
+            let issued = Arc::new(issued);
             metrics.record_svid(&name, issued.not_after, self.lifetime, true);
-            info!(serial = %issued.serial, not_after = ?issued.not_after, "renewed SVID");
-            if let Err(error) = self.install(&local, Arc::new(issued)) {
-                error!(error = %error, "installing the renewed SVID failed; the previous one stays in use");
+            // Installed before the event, so a handshake after the event presents it.
+            match self.install(&local, Arc::clone(&issued)) {
+                Ok(()) => {
+                    info!(serial = %issued.serial, not_after = ?issued.not_after, "renewed SVID")
+                }
+                Err(error) => {
+                    error!(error = %error, "installing the renewed SVID failed; the previous one stays in use")
+                }
             }
         }
     }
@@ -342,8 +353,11 @@ impl Manager {
         let mut signer_changes = self.signer_changes.subscribe();
         loop {
             let current = Arc::clone(&lock(&self.node_svid));
-            self.wait_for_renewal(&current, &mut signer_changes).await;
-            let issued = self.renew_until_done(&name, &uri, &current, &metrics).await;
+            self.wait_for_renewal(&current, self.node_lifetime, &mut signer_changes)
+                .await;
+            let issued = self
+                .renew_until_done(&name, &uri, &current, self.node_lifetime, &metrics)
+                .await;
             info!(serial = %issued.serial, not_after = ?issued.not_after, "renewed the node SVID");
             if let Err(error) = self.state.save_node_svid(&issued) {
                 error!(error = %error, "saving the node SVID failed; a restarted daemon needs a new join token");
@@ -357,12 +371,17 @@ impl Manager {
 
     /// Sleeps until about half of `current`'s remaining lifetime has passed, or until the
     /// signing root changes.
-    async fn wait_for_renewal(&self, current: &Issued, signer_changes: &mut watch::Receiver<u64>) {
+    async fn wait_for_renewal(
+        &self,
+        current: &Issued,
+        lifetime: Duration,
+        signer_changes: &mut watch::Receiver<u64>,
+    ) {
         let remaining = current
             .not_after
             .duration_since(self.clock.now())
             .unwrap_or_default();
-        let delay = jittered(remaining.min(self.lifetime) / 2);
+        let delay = jittered(remaining.min(lifetime) / 2);
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
             changed = signer_changes.changed() => {
@@ -380,15 +399,16 @@ impl Manager {
         name: &str,
         uri: &str,
         current: &Issued,
+        lifetime: Duration,
         metrics: &Metrics,
     ) -> Issued {
-        let mut backoff = Duration::from_secs(1).min(self.lifetime / 8);
-        let cap = Duration::from_secs(30).min(self.lifetime / 4);
+        let mut backoff = Duration::from_secs(1).min(lifetime / 8);
+        let cap = Duration::from_secs(30).min(lifetime / 4);
         let mut expired_logged = false;
         let mut attempt: u64 = 0;
         loop {
             attempt += 1;
-            let error = match self.client().sign(uri, self.lifetime).await {
+            let error = match self.client().sign(uri, lifetime).await {
                 Ok(issued) => {
                     let (skew, checked) =
                         check_clock_skew(self.clock.now(), issued.ca_time, self.max_clock_skew);
@@ -419,7 +439,7 @@ impl Manager {
                 Err(_) => {
                     warn!(error = %error, attempt, retry_in = ?backoff, "renewing the expired SVID failed");
                 }
-                Ok(left) if left < self.lifetime / 4 => {
+                Ok(left) if left < lifetime / 4 => {
                     warn!(
                         error = %error,
                         expires_in = ?left,

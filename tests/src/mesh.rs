@@ -172,7 +172,9 @@ impl Mesh {
         std::fs::read_to_string(self.work_dir.join("ca.log")).unwrap_or_default()
     }
 
-    fn token_path(&self, node_index: usize) -> PathBuf {
+    /// Path of node `node_index`'s join token file, which its daemon read at its first
+    /// start.
+    pub fn token_path(&self, node_index: usize) -> PathBuf {
         self.work_dir
             .join(format!("{}.token", self.nodes[node_index - 1]))
     }
