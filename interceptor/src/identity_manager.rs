@@ -54,8 +54,9 @@ pub enum Error {
     #[error("workload {workload}: building its TLS configuration failed")]
     Tls {
         workload: String,
+        /// Boxed so that `Error` stays within clippy's `result_large_err` limit.
         #[source]
-        source: crate::tls::Error,
+        source: Box<crate::tls::Error>,
     },
 }
 
@@ -172,7 +173,8 @@ impl Manager {
                         node: config.node.clone(),
                     });
                 };
-                let token = crate::ca::tokens::read_private(path).map_err(client::Error::from)?;
+                let token = crate::ca::tokens::read_private(path)
+                    .map_err(|error| client::Error::PrivateFile(Box::new(error)))?;
                 let anonymous = CaClient::new(addr, trust_domain, &bundle, None)?;
                 let issued = anonymous
                     .attest(&node, &token, config.svid_lifetime)
@@ -269,7 +271,7 @@ impl Manager {
         };
         let tls_error = |source| Error::Tls {
             workload: workload.name.clone(),
-            source,
+            source: Box::new(source),
         };
         Ok(TlsConfigs {
             client: crate::tls::client_config_with(&svid, bundle, &self.options)

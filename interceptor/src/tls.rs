@@ -969,6 +969,14 @@ mod tests {
                 now - Duration::from_secs(3600),
             )
             .expect("issue an expired SVID");
+        let not_yet_valid = ours
+            .ca
+            .issue_with_validity(
+                &workload_id(ours.ca.trust_domain(), service_account),
+                now + Duration::from_secs(3600),
+                now + Duration::from_secs(7200),
+            )
+            .expect("issue a not yet valid SVID");
         let no_uri = svid_from_params(&ours, &leaf_params(no_uri_sans));
 
         let cases: Vec<RejectionCase> = vec![
@@ -993,6 +1001,12 @@ mod tests {
                 matches!(
                     error,
                     CertificateError::Expired | CertificateError::ExpiredContext { .. }
+                )
+            }),
+            ("not yet valid certificate", not_yet_valid, |error| {
+                matches!(
+                    error,
+                    CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. }
                 )
             }),
             ("no URI SAN", no_uri, |error| {

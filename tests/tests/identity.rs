@@ -514,8 +514,7 @@ fn root_rotation_under_traffic() {
         let log = setup.mesh.log(node);
         let last = log
             .lines()
-            .filter(|line| line.contains("trust bundle changed"))
-            .last()
+            .rfind(|line| line.contains("trust bundle changed"))
             .expect("a bundle change");
         assert!(last.contains("roots=1"), "{last}");
     }

@@ -42,8 +42,9 @@ pub enum Error {
     #[error("building the TLS configuration for the CA at {addr} failed")]
     Tls {
         addr: SocketAddr,
+        /// Boxed, like the other large sources, so that `Error` stays small.
         #[source]
-        source: crate::tls::Error,
+        source: Box<crate::tls::Error>,
     },
     #[error("the CA at {addr} rejected {call}: {message} ({code:?})")]
     Rejected {
@@ -75,7 +76,7 @@ pub enum Error {
         source: io::Error,
     },
     #[error(transparent)]
-    PrivateFile(#[from] tokens::Error),
+    PrivateFile(Box<tokens::Error>),
     #[error("invalid PEM in {path}: {reason}")]
     InvalidPem { path: PathBuf, reason: String },
 }
@@ -123,8 +124,13 @@ impl CaClient {
                 PrivateKeyDer::Pkcs8(node.key.clone_key()),
             )
         });
-        let config = crate::tls::ca_client_config(bundle, trust_domain, credentials)
-            .map_err(|source| Error::Tls { addr, source })?;
+        let config =
+            crate::tls::ca_client_config(bundle, trust_domain, credentials).map_err(|source| {
+                Error::Tls {
+                    addr,
+                    source: Box::new(source),
+                }
+            })?;
         let connector = TlsConnector::from(config);
         // TLS runs in the connector below, so the URI only names the authority.
         let endpoint = Endpoint::from_shared(format!("http://{addr}"))
@@ -334,7 +340,8 @@ impl NodeState {
         if !cert_path.exists() || !key_path.exists() {
             return Ok(None);
         }
-        let key_pem = tokens::read_private(&key_path)?;
+        let key_pem =
+            tokens::read_private(&key_path).map_err(|error| Error::PrivateFile(Box::new(error)))?;
         let key = PrivatePkcs8KeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|error| {
             Error::InvalidPem {
                 path: key_path.clone(),
@@ -516,8 +523,8 @@ mod tests {
         let open = state.node_svid(&node, now, Duration::from_secs(1));
         assert!(
             matches!(
-                open,
-                Err(Error::PrivateFile(tokens::Error::InsecureMode { .. }))
+                &open,
+                Err(Error::PrivateFile(error)) if matches!(error.as_ref(), tokens::Error::InsecureMode { .. })
             ),
             "{open:?}"
         );

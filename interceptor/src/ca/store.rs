@@ -34,8 +34,9 @@ pub enum Error {
     #[error("loading the signing CA from {path} failed")]
     Ca {
         path: PathBuf,
+        /// Boxed so that `Error` stays within clippy's `result_large_err` limit.
         #[source]
-        source: identity::Error,
+        source: Box<identity::Error>,
     },
     #[error("reading {path} failed")]
     Read {
@@ -69,7 +70,7 @@ pub struct Loaded {
 pub fn load(dir: &Path) -> Result<Loaded, Error> {
     let ca = CertificateAuthority::load(dir).map_err(|source| Error::Ca {
         path: dir.to_owned(),
-        source,
+        source: Box::new(source),
     })?;
     let mut bundle = vec![ca.certificate().clone()];
     for root in read_extra_roots(dir)? {
@@ -122,7 +123,7 @@ pub fn prepare_rotation(dir: &Path) -> Result<PathBuf, Error> {
         CertificateAuthority::init(&next, current.ca.trust_domain()).map_err(|source| {
             Error::Ca {
                 path: next.clone(),
-                source,
+                source: Box::new(source),
             }
         })?;
     let mut extra = read_extra_roots(dir)?;
@@ -142,7 +143,7 @@ pub fn activate_rotation(dir: &Path) -> Result<(), Error> {
     // Loading checks the key's mode and that it matches the certificate.
     let prepared = CertificateAuthority::load(&next).map_err(|source| Error::Ca {
         path: next.clone(),
-        source,
+        source: Box::new(source),
     })?;
     let mut extra = read_extra_roots(dir)?;
     for root in [current.ca.certificate(), prepared.certificate()] {

@@ -27,8 +27,9 @@ pub enum Error {
     #[error("invalid node name {node:?}")]
     InvalidNode {
         node: String,
+        /// Boxed so that `Error` stays within clippy's `result_large_err` limit.
         #[source]
-        source: crate::identity::Error,
+        source: Box<crate::identity::Error>,
     },
     #[error("reading random bytes for a join token failed")]
     Random,
@@ -68,7 +69,7 @@ pub fn create(
     // The node name becomes a file name, so it must pass the SPIFFE path segment rules.
     NodeId::new(trust_domain.clone(), node).map_err(|source| Error::InvalidNode {
         node: node.to_owned(),
-        source,
+        source: Box::new(source),
     })?;
     let mut token = [0u8; TOKEN_LEN];
     SystemRandom::new()
