@@ -35,6 +35,9 @@ use x509_parser::extensions::GeneralName;
 pub const CA_CERT_FILE: &str = "ca-cert.pem";
 /// File name of the CA private key (PKCS #8 PEM) inside the CA directory.
 pub const CA_KEY_FILE: &str = "ca-key.pem";
+/// File name of the operator's root certificate (PEM) inside the CA directory, present
+/// when the CA is an intermediate under that root.
+pub const ROOT_CERT_FILE: &str = "root-cert.pem";
 
 /// Maximum length of a SPIFFE ID in bytes. The SPIFFE ID standard (section 2.3) requires
 /// support up to this length and advises against generating longer IDs.
@@ -424,6 +427,9 @@ pub struct CertificateAuthority {
     not_after: SystemTime,
     /// The CA's subject, key identifier method and private key.
     issuer: Issuer<'static, KeyPair>,
+    /// The operator's root when this CA is an intermediate under it, `None` when the CA
+    /// is a self-signed root.
+    root: Option<CertificateDer<'static>>,
 }
 
 impl fmt::Debug for CertificateAuthority {
@@ -465,6 +471,75 @@ impl CertificateAuthority {
             cert: cert.der().clone(),
             not_after: whole_seconds(now + CA_VALIDITY),
             issuer: Issuer::new(params, key),
+            root: None,
+        })
+    }
+
+    /// Creates a new intermediate CA for `trust_domain` under the operator's root
+    /// (`root_cert_path`, `root_key_path`, both PEM) and writes it to `dir`, with a copy
+    /// of the root certificate as `root-cert.pem`. The root key is only read.
+    ///
+    /// The intermediate is valid for 10 years or until the root expires, whichever comes
+    /// first, and may sign only end-entity certificates. The root must allow a path
+    /// length of at least 1. Files are created as [`init`](Self::init) creates them.
+    pub fn init_intermediate(
+        dir: &Path,
+        trust_domain: &TrustDomain,
+        root_cert_path: &Path,
+        root_key_path: &Path,
+    ) -> Result<Self, Error> {
+        let invalid_root = |reason: String| Error::InvalidCaCertificate {
+            path: root_cert_path.to_owned(),
+            reason,
+        };
+        let root_pem = fs::read(root_cert_path).map_err(|source| Error::Read {
+            path: root_cert_path.to_owned(),
+            source,
+        })?;
+        let root = CertificateDer::from_pem_slice(&root_pem)
+            .map_err(|error| invalid_root(error.to_string()))?;
+        let root_not_after = {
+            let parsed = parse_certificate(&root).map_err(invalid_root)?;
+            system_time(parsed.validity().not_after.timestamp())
+        };
+        let root_key_pem = read_private_file(root_key_path)?;
+        let root_key = KeyPair::from_pem(&root_key_pem).map_err(|source| Error::InvalidCaKey {
+            path: root_key_path.to_owned(),
+            source,
+        })?;
+        let root_issuer = Issuer::from_ca_cert_der(&root, root_key)
+            .map_err(|error| invalid_root(error.to_string()))?;
+
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|source| Error::CreateDir {
+                path: dir.to_owned(),
+                source,
+            })?;
+        let key = generate_key_pair()?;
+        let now = SystemTime::now();
+        let mut params = ca_params(trust_domain, now)?;
+        let not_after = whole_seconds((now + CA_VALIDITY).min(root_not_after));
+        params.not_after = not_after.into();
+        let cert = params
+            .signed_by(&key, &root_issuer)
+            .map_err(|source| Error::SignCa {
+                trust_domain: trust_domain.clone(),
+                source,
+            })?;
+        write_new_ca_files(dir, cert.pem().as_bytes(), key.serialize_pem().as_bytes())?;
+        let root_copy = dir.join(ROOT_CERT_FILE);
+        let mut file = create_new_file(&root_copy, 0o644)?;
+        write_and_sync(&mut file, &root_copy, &root_pem)?;
+
+        Ok(Self {
+            trust_domain: trust_domain.clone(),
+            cert: cert.der().clone(),
+            not_after,
+            issuer: Issuer::new(params, key),
+            root: Some(root),
         })
     }
 
@@ -508,6 +583,7 @@ impl CertificateAuthority {
                 not_after: not_after.into(),
             });
         }
+        let root = read_root(dir, &parsed)?;
         let issuer = Issuer::from_ca_cert_der(&cert, key)
             .map_err(|error| invalid_cert(error.to_string()))?;
 
@@ -516,6 +592,7 @@ impl CertificateAuthority {
             cert,
             not_after,
             issuer,
+            root,
         })
     }
 
@@ -525,7 +602,23 @@ impl CertificateAuthority {
 
     /// Returns the trust bundle of the trust domain: the root certificate.
     pub fn trust_bundle(&self) -> Vec<CertificateDer<'static>> {
-        vec![self.cert.clone()]
+        vec![self.trust_anchor().clone()]
+    }
+
+    /// Returns the root that peers trust: the operator's root for an intermediate, the
+    /// CA's own certificate otherwise.
+    pub fn trust_anchor(&self) -> &CertificateDer<'static> {
+        self.root.as_ref().unwrap_or(&self.cert)
+    }
+
+    /// Returns the chain that a leaf signed by this CA is presented with: the leaf,
+    /// followed by this CA's certificate when it is an intermediate.
+    fn chain_of(&self, leaf: CertificateDer<'static>) -> Vec<CertificateDer<'static>> {
+        let mut chain = vec![leaf];
+        if self.root.is_some() {
+            chain.push(self.cert.clone());
+        }
+        chain
     }
 
     /// Issues an SVID for `id` that is valid from 60 seconds ago until `lifetime` from
@@ -586,7 +679,7 @@ impl CertificateAuthority {
 
         Ok(Svid {
             spiffe_id: id.clone(),
-            cert_chain: vec![cert.der().clone()],
+            cert_chain: self.chain_of(cert.der().clone()),
             key: PrivatePkcs8KeyDer::from(key.serialize_der()),
             not_after,
             serial: hex(&serial),
@@ -625,7 +718,7 @@ impl CertificateAuthority {
             public_key: csr.public_key.clone(),
         };
         let cert = request.signed_by(&self.issuer).map_err(sign_error)?;
-        Ok(vec![cert.der().clone()])
+        Ok(self.chain_of(cert.der().clone()))
     }
 
     /// Issues a leaf with a fresh key pair for `uri`, valid from 60 seconds ago for
@@ -648,7 +741,7 @@ impl CertificateAuthority {
         let params = leaf_params(uri, usage, not_before, not_after, &serial).map_err(sign_error)?;
         let cert = params.signed_by(&key, &self.issuer).map_err(sign_error)?;
         Ok((
-            vec![cert.der().clone()],
+            self.chain_of(cert.der().clone()),
             PrivatePkcs8KeyDer::from(key.serialize_der()),
         ))
     }
@@ -773,6 +866,29 @@ pub fn generate_csr(uri: &str) -> Result<(String, PrivatePkcs8KeyDer<'static>), 
     let csr = params.serialize_request(&key).map_err(csr_error)?;
     let pem = csr.pem().map_err(csr_error)?;
     Ok((pem, PrivatePkcs8KeyDer::from(key.serialize_der())))
+}
+
+/// Reads `root-cert.pem` of a CA directory, if there is one, and checks that it signed
+/// the CA certificate `ca`.
+fn read_root(
+    dir: &Path,
+    ca: &X509Certificate<'_>,
+) -> Result<Option<CertificateDer<'static>>, Error> {
+    let path = dir.join(ROOT_CERT_FILE);
+    let pem = match fs::read(&path) {
+        Ok(pem) => pem,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(Error::Read { path, source }),
+    };
+    let invalid = |reason: String| Error::InvalidCaCertificate {
+        path: path.clone(),
+        reason,
+    };
+    let root = CertificateDer::from_pem_slice(&pem).map_err(|error| invalid(error.to_string()))?;
+    let parsed = parse_certificate(&root).map_err(invalid)?;
+    ca.verify_signature(Some(parsed.public_key()))
+        .map_err(|_| invalid(format!("did not sign {CA_CERT_FILE}")))?;
+    Ok(Some(root))
 }
 
 /// Returns the single URI SAN of a certificate.
@@ -1169,6 +1285,62 @@ mod tests {
             algorithms,
         )
         .expect("the SVID chains to the root written by init");
+    }
+
+    #[test]
+    fn intermediate_chains_to_operator_root() {
+        let operator = test_ca("intermediate-root", "td.test");
+        let operator_dir = operator.dir.path().join("ca");
+        let dir = TestDir::new("intermediate");
+        let ca_dir = dir.path().join("ca");
+        let intermediate = CertificateAuthority::init_intermediate(
+            &ca_dir,
+            operator.ca.trust_domain(),
+            &operator_dir.join(CA_CERT_FILE),
+            &operator_dir.join(CA_KEY_FILE),
+        )
+        .expect("create an intermediate");
+        assert_eq!(intermediate.trust_bundle(), operator.ca.trust_bundle());
+
+        let loaded = CertificateAuthority::load(&ca_dir).expect("load the intermediate");
+        assert_eq!(loaded.trust_bundle(), operator.ca.trust_bundle());
+        let id = workload_id(loaded.trust_domain(), "web");
+        let svid = loaded
+            .issue(&id, Duration::from_secs(3600))
+            .expect("issue an SVID from the intermediate");
+        assert_eq!(svid.cert_chain.len(), 2, "leaf and intermediate");
+
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(operator.ca.trust_bundle()[0].clone())
+            .expect("add the operator's root");
+        let leaf = rustls::server::ParsedCertificate::try_from(&svid.cert_chain[0])
+            .expect("parse the SVID");
+        #[allow(deprecated)]
+        let algorithms = rustls::crypto::ring::default_provider()
+            .signature_verification_algorithms
+            .all;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &leaf,
+            &roots,
+            &svid.cert_chain[1..],
+            rustls::pki_types::UnixTime::now(),
+            algorithms,
+        )
+        .expect("the SVID chains to the operator's root through the intermediate");
+
+        // A root that did not sign the intermediate is rejected at load.
+        let other = test_ca("intermediate-other", "td.test");
+        fs::copy(
+            other.dir.path().join("ca").join(CA_CERT_FILE),
+            ca_dir.join(ROOT_CERT_FILE),
+        )
+        .expect("replace the root");
+        let result = CertificateAuthority::load(&ca_dir);
+        assert!(
+            matches!(result, Err(Error::InvalidCaCertificate { .. })),
+            "load returned {result:?}"
+        );
     }
 
     #[test]

@@ -3,8 +3,8 @@
 //!
 //! At start the daemon authenticates with the node SVID saved in its state directory,
 //! or attests with its join token when there is none. Each SVID is renewed at about half
-//! its lifetime (with a 10% random jitter, so the nodes' requests spread out). When the
-//! CA does not answer, the renewal is retried with a backoff that doubles from
+//! its lifetime (with a 10% random jitter, so the nodes' requests spread out). When a
+//! request to the CA fails, the renewal is retried with a backoff that doubles from
 //! `min(1s, lifetime/8)` up to `min(30s, lifetime/4)`, and the current certificate stays
 //! in use until it expires. Less than a quarter of the lifetime left is logged as a
 //! warning on each retry and shows in `interceptor_svid_near_expiry`. After expiry new
@@ -141,8 +141,8 @@ pub struct Manager {
 }
 
 impl Manager {
-    /// Authenticates this node to the CA service (attesting with the join token when the
-    /// state directory holds no valid node SVID) and fetches the trust bundle.
+    /// Authenticates this node to the CA service and fetches the trust bundle. Attests
+    /// with the join token when the state directory contains no valid node SVID.
     pub async fn start(
         config: &RunConfig,
         addr: SocketAddr,
@@ -416,7 +416,7 @@ impl Manager {
                         check_clock_skew(self.clock.now(), issued.ca_time, self.max_clock_skew);
                     metrics.record_clock_skew(skew);
                     if let Err(skew) = checked {
-                        error!(error = %skew, "clock skew");
+                        error!(error = %skew, "this node's clock differs from the CA's by more than --max-clock-skew");
                     }
                     if expired_logged {
                         info!(attempt, "renewed the expired SVID; new tunnels work again");
@@ -434,7 +434,7 @@ impl Manager {
                         serial = %current.serial,
                         not_after = ?current.not_after,
                         attempt,
-                        "SVID expired and renewing it failed: new tunnels of this workload fail until the CA service answers"
+                        "SVID expired and renewing it failed: every handshake with it fails until a renewal succeeds"
                     );
                     expired_logged = true;
                 }
@@ -483,7 +483,7 @@ impl Manager {
             let (skew, checked) = check_clock_skew(self.clock.now(), ca_time, self.max_clock_skew);
             metrics.record_clock_skew(skew);
             if let Err(skew) = checked {
-                error!(error = %skew, "clock skew");
+                error!(error = %skew, "this node's clock differs from the CA's by more than --max-clock-skew");
             }
             let current = self.bundle();
             if *current == fetched {

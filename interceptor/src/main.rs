@@ -55,7 +55,8 @@ enum Command {
 
 #[derive(Subcommand, Debug)]
 enum CaCommand {
-    /// Create a new root CA (P-256 key, mode 0600) in a directory.
+    /// Create a new CA (P-256 key, mode 0600) in a directory: a self-signed root, or an
+    /// intermediate under an operator's root with `--root-cert` and `--root-key`.
     Init {
         /// Directory to write `ca-cert.pem` and `ca-key.pem` to; created if missing.
         #[arg(long, env = "INTERCEPTOR_CA_DIR")]
@@ -63,6 +64,13 @@ enum CaCommand {
         /// Trust domain whose workload identities the CA signs, e.g. `cluster.local`.
         #[arg(long)]
         trust_domain: String,
+        /// The operator's root certificate (PEM) to create an intermediate under; it is
+        /// copied to `root-cert.pem` and becomes the published trust bundle.
+        #[arg(long, requires = "root_key")]
+        root_cert: Option<PathBuf>,
+        /// The operator's root key (PEM, mode 0600), only read to sign the intermediate.
+        #[arg(long, requires = "root_cert")]
+        root_key: Option<PathBuf>,
     },
     /// Run the CA service: sign CSRs of node daemons over TLS (port 15012 by default).
     Serve(ServeConfig),
@@ -160,13 +168,32 @@ fn execute(command: Command) -> anyhow::Result<()> {
 
 fn execute_ca(command: CaCommand) -> anyhow::Result<()> {
     match command {
-        CaCommand::Init { dir, trust_domain } => {
+        CaCommand::Init {
+            dir,
+            trust_domain,
+            root_cert,
+            root_key,
+        } => {
             let trust_domain = trust_domain
                 .parse::<identity::TrustDomain>()
                 .context("invalid --trust-domain")?;
-            identity::CertificateAuthority::init(&dir, &trust_domain)
-                .with_context(|| format!("creating a CA in {}", dir.display()))?;
-            tracing::info!(dir = %dir.display(), %trust_domain, "created CA");
+            match (root_cert, root_key) {
+                (Some(root_cert), Some(root_key)) => {
+                    identity::CertificateAuthority::init_intermediate(
+                        &dir,
+                        &trust_domain,
+                        &root_cert,
+                        &root_key,
+                    )
+                    .with_context(|| format!("creating an intermediate CA in {}", dir.display()))?;
+                    tracing::info!(dir = %dir.display(), %trust_domain, root = %root_cert.display(), "created an intermediate CA");
+                }
+                _ => {
+                    identity::CertificateAuthority::init(&dir, &trust_domain)
+                        .with_context(|| format!("creating a CA in {}", dir.display()))?;
+                    tracing::info!(dir = %dir.display(), %trust_domain, "created CA");
+                }
+            }
         }
         CaCommand::Serve(config) => {
             check_flags(config.validate())?;

@@ -629,15 +629,11 @@ fn ca_outage_short_then_long() {
 
     // The CA is back: the daemons renew by themselves and traffic works again.
     setup.mesh.start_ca().expect("restarting the CA");
-    for node in [1, 2] {
-        wait_for_log(
-            &setup.mesh,
-            node,
-            Duration::from_secs(30),
-            "recovery",
-            |log| log.contains("renewed the expired SVID; new tunnels work again"),
-        );
-    }
+    // Node 1 saw its SVID expire. Node 2's may have been renewed just in time, so only
+    // node 1 is sure to log a recovery.
+    wait_for_log(&setup.mesh, 1, Duration::from_secs(30), "recovery", |log| {
+        log.contains("renewed the expired SVID; new tunnels work again")
+    });
     let output = run_peer(
         &setup.island,
         &client_pod,

@@ -327,8 +327,8 @@ impl NodeState {
         })
     }
 
-    /// Reads the saved node SVID of `node`; `None` when there is none, when it is for
-    /// another node, or when it expires before `now` plus `margin`.
+    /// Reads the saved node SVID of `node`. Returns `None` when there is none, when it is
+    /// for another node, or when it expires before `now` plus `margin`.
     pub fn node_svid(
         &self,
         node: &NodeId,

@@ -2,7 +2,8 @@
 //! bundle and the steps of a root rotation.
 //!
 //! ```text
-//! <dir>/ca-cert.pem, ca-key.pem     the root that signs (key mode 0600)
+//! <dir>/ca-cert.pem, ca-key.pem     the CA that signs (key mode 0600)
+//! <dir>/root-cert.pem               the operator's root, when the CA is an intermediate
 //! <dir>/trust-bundle.pem            further roots to publish, during a rotation
 //! <dir>/next/ca-cert.pem, ca-key.pem  the prepared root of a rotation
 //! <dir>/join-tokens/<node>          hashed join tokens (see `tokens`)
@@ -72,7 +73,7 @@ pub fn load(dir: &Path) -> Result<Loaded, Error> {
         path: dir.to_owned(),
         source: Box::new(source),
     })?;
-    let mut bundle = vec![ca.certificate().clone()];
+    let mut bundle = vec![ca.trust_anchor().clone()];
     for root in read_extra_roots(dir)? {
         if !bundle.contains(&root) {
             bundle.push(root);
@@ -92,13 +93,14 @@ fn read_extra_roots(dir: &Path) -> Result<Vec<CertificateDer<'static>>, Error> {
     parse_roots(&pem).map_err(|reason| Error::InvalidBundle { path, reason })
 }
 
-/// Parses PEM roots and checks that each carries a trust domain URI SAN.
+/// Parses PEM roots and checks that each is an X.509 certificate. An operator's root
+/// need not carry a SPIFFE ID, so none is required.
 pub fn parse_roots(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
     let roots: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<_, _>>()
         .map_err(|error| error.to_string())?;
     for root in &roots {
-        identity::trust_domain_of_root(root).map_err(|error| error.to_string())?;
+        identity::validity_of(root).map_err(|error| error.to_string())?;
     }
     Ok(roots)
 }
@@ -146,7 +148,7 @@ pub fn activate_rotation(dir: &Path) -> Result<(), Error> {
         source: Box::new(source),
     })?;
     let mut extra = read_extra_roots(dir)?;
-    for root in [current.ca.certificate(), prepared.certificate()] {
+    for root in [current.ca.trust_anchor(), prepared.trust_anchor()] {
         if !extra.contains(root) {
             extra.push(root.clone());
         }
