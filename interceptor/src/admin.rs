@@ -366,6 +366,46 @@ mod tests {
     }
 
     #[test]
+    fn svid_metrics_show_expiry() {
+        let metrics = Metrics::default();
+        let lifetime = Duration::from_secs(100);
+        let now = SystemTime::now();
+        metrics.record_svid("fresh", now + Duration::from_secs(90), lifetime, true);
+        metrics.record_svid("stale", now + Duration::from_secs(10), lifetime, false);
+        metrics.record_renewal_failure("stale");
+        metrics.record_clock_skew(-3);
+        let text = metrics.render(&ktls::Support::none("test"));
+
+        assert!(
+            text.contains("interceptor_svid_near_expiry{workload=\"fresh\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("interceptor_svid_near_expiry{workload=\"stale\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("interceptor_svid_renewals_total{workload=\"fresh\",result=\"ok\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("interceptor_svid_renewals_total{workload=\"stale\",result=\"error\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("interceptor_clock_skew_seconds -3"), "{text}");
+        let expiry = text
+            .lines()
+            .find(|line| line.starts_with("interceptor_svid_expiry_seconds{workload=\"fresh\"}"))
+            .expect("expiry of fresh");
+        let seconds: f64 = expiry
+            .rsplit(' ')
+            .next()
+            .and_then(|value| value.parse().ok())
+            .expect("a number");
+        assert!((88.0..=90.0).contains(&seconds), "{expiry}");
+    }
+
+    #[test]
     fn admin_addr_must_be_loopback() {
         assert!(check_addr("127.0.0.1:15020".parse().expect("address")).is_ok());
         assert!(check_addr("0.0.0.0:15020".parse().expect("address")).is_err());

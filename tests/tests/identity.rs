@@ -439,14 +439,32 @@ fn node_refused_other_nodes_workload() {
         "{reused}"
     );
 
-    // A restarted daemon authenticates with its saved node SVID, without a token.
+    // A daemon whose clock is 90 s behind the CA's refuses to start and says why. The
+    // CA reports whole seconds, so the difference shows as 89 to 91 s.
     setup.mesh.stop_daemon(1).expect("stopping daemon 1");
+    let skewed = setup
+        .mesh
+        .restart_daemon_with(1, &["--test-clock-offset", "-90s"])
+        .expect_err("a daemon with a skewed clock must not start");
+    let message = skewed.to_string();
+    assert!(
+        message.contains("s behind the CA's, more than the allowed 30 s"),
+        "{message}"
+    );
+
+    // A restarted daemon authenticates with its saved node SVID, without a token.
     setup
         .mesh
         .start_daemon(1)
         .expect("restarting daemon 1 without a new token");
+    // The skewed start used the saved node SVID too, so this start adds the second line.
     assert!(
-        setup.mesh.log(1).contains("using the saved node SVID"),
+        setup
+            .mesh
+            .log(1)
+            .matches("using the saved node SVID")
+            .count()
+            >= 2,
         "{}",
         tail(&setup.mesh.log(1), 20)
     );

@@ -42,7 +42,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
-use tracing::{debug, info, warn};
+use tracing::{debug, info, warn, Instrument};
 
 use crate::config::parse_duration;
 use crate::identity::{self, LeafUsage};
@@ -180,13 +180,14 @@ pub async fn serve(config: ServeConfig) -> Result<(), Error> {
         "CA service started"
     );
 
-    tokio::spawn(reload(
-        config.clone(),
-        Arc::clone(&snapshot),
-        Arc::clone(&tls),
-    ));
+    tokio::spawn(
+        reload(config.clone(), Arc::clone(&snapshot), Arc::clone(&tls))
+            .instrument(tracing::info_span!("reload")),
+    );
     let (sender, receiver) = mpsc::channel(ACCEPT_QUEUE);
-    tokio::spawn(accept(listener, Arc::clone(&tls), sender));
+    tokio::spawn(
+        accept(listener, Arc::clone(&tls), sender).instrument(tracing::info_span!("accept")),
+    );
 
     let service = Service {
         dir: config.dir.clone(),
