@@ -58,7 +58,7 @@ pub struct Metrics {
     closed: Mutex<BTreeMap<ConnectionLabels, Counters>>,
     /// By workload name.
     svids: Mutex<BTreeMap<String, SvidState>>,
-    /// This node's clock minus the CA's at the last answer of the CA, in seconds.
+    /// This node's clock minus the CA's at the CA's last response, in seconds.
     clock_skew_seconds: AtomicI64,
 }
 
@@ -76,8 +76,8 @@ impl Metrics {
         counters.bytes_received += received;
     }
 
-    /// Records that `workload` holds an SVID valid until `not_after`, issued for
-    /// `lifetime`; `renewed` counts it as a successful renewal.
+    /// Records that `workload` has an SVID valid until `not_after`, issued for
+    /// `lifetime`. With `renewed`, it also counts a successful renewal.
     pub fn record_svid(
         &self,
         workload: &str,
@@ -211,6 +211,7 @@ impl Metrics {
                 None => 0.0,
             }
         };
+
         let name = "interceptor_svid_expiry_seconds";
         let _ = writeln!(
             out,
@@ -223,6 +224,7 @@ impl Metrics {
                 remaining(state)
             );
         }
+
         let name = "interceptor_svid_near_expiry";
         let _ = writeln!(
             out,
@@ -232,6 +234,7 @@ impl Metrics {
             let near = remaining(state) < state.lifetime.as_secs_f64() / 4.0;
             let _ = writeln!(out, "{name}{{workload=\"{workload}\"}} {}", u8::from(near));
         }
+
         let name = "interceptor_svid_renewals_total";
         let _ = writeln!(
             out,
@@ -244,6 +247,7 @@ impl Metrics {
                 state.renewals_ok, state.renewals_failed
             );
         }
+
         let name = "interceptor_clock_skew_seconds";
         let _ = writeln!(
             out,

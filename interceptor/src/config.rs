@@ -39,12 +39,12 @@ pub struct RunConfig {
 
     /// PEM roots that the daemon trusts for the CA service before it has fetched a trust
     /// bundle, e.g. a copy of the CA's `ca-cert.pem`. Required with `--ca-addr` until the
-    /// state directory holds a bundle.
+    /// state directory contains a bundle.
     #[arg(long, env = "INTERCEPTOR_CA_TRUST_BUNDLE")]
     pub ca_trust_bundle: Option<PathBuf>,
 
     /// File with this node's one-time join token from `interceptor ca token` (mode
-    /// 0600). Read only when the state directory holds no valid node SVID.
+    /// 0600). Read only when the state directory contains no valid node SVID.
     #[arg(long, env = "INTERCEPTOR_JOIN_TOKEN_FILE")]
     pub join_token_file: Option<PathBuf>,
 

@@ -232,9 +232,9 @@ pub async fn run(config: RunConfig) -> Result<(), Error> {
     Ok(())
 }
 
-/// Where the daemon's SVIDs come from.
+/// The source of the daemon's SVIDs.
 enum Identities {
-    /// Single-host mode (`--ca-dir`): the daemon holds the CA key and signs itself.
+    /// Single-host mode (`--ca-dir`): the daemon loads the CA key and signs itself.
     Local(Arc<CertificateAuthority>),
     /// The CA service (`--ca-addr`).
     Service(Arc<Manager>),

@@ -377,7 +377,7 @@ pub fn ca_service_id(trust_domain: &TrustDomain) -> String {
     format!("{SPIFFE_SCHEME_PREFIX}{trust_domain}/ca")
 }
 
-/// What a leaf certificate may be used for, which sets its extended key usages.
+/// The purpose of a leaf certificate, which sets its extended key usages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LeafUsage {
     /// A workload SVID: serverAuth and clientAuth, because every workload is both ends

@@ -469,14 +469,14 @@ pub(crate) fn prepare_work_dir(
     Ok(())
 }
 
-/// Waits until `log_path` holds `line` more than `already` times, or fails with the
-/// log's tail when `child` (named `what`) exits or the start timeout passes.
+/// Waits until `log_path` contains `line` more than `already` times, or fails with the
+/// log's tail when `child` (named `process_name`) exits or the start timeout passes.
 fn wait_for_line(
     mut child: Child,
     log_path: &Path,
     line: &str,
     already: usize,
-    what: &str,
+    process_name: &str,
 ) -> io::Result<Child> {
     let start_timeout = scaled(START_TIMEOUT);
     let deadline = Instant::now() + start_timeout;
@@ -487,7 +487,7 @@ fn wait_for_line(
         }
         if let Some(status) = child.try_wait()? {
             return Err(io::Error::other(format!(
-                "{what} exited with {status} before it started; log:\n{}",
+                "{process_name} exited with {status} before it started; log:\n{}",
                 tail(&text, 40)
             )));
         }
@@ -495,7 +495,7 @@ fn wait_for_line(
             let _ = child.kill();
             let _ = child.wait();
             return Err(io::Error::other(format!(
-                "{what} did not start within {start_timeout:?}; log:\n{}",
+                "{process_name} did not start within {start_timeout:?}; log:\n{}",
                 tail(&text, 40)
             )));
         }

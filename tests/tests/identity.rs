@@ -2,7 +2,7 @@
 //! renewals under live traffic, node authorization, root rotation and CA outages.
 //!
 //! SVID lifetimes are a few seconds, set through `--svid-lifetime`, and the trust
-//! bundle is refreshed every second, so each test sees many renewals in a short run.
+//! bundle is refreshed every second, so each test covers many renewals in a short run.
 //! Checks wait for events in the logs instead of sleeping for fixed times where they
 //! can, so they hold on a busy machine.
 
@@ -148,7 +148,7 @@ struct Handshake {
 }
 
 /// Opens a tunnel from `from_pod`'s namespace to `server_pod`'s tunnel port, as a
-/// daemon would, presenting `svid` and trusting `bundle`, and asks for the echo server
+/// daemon would, presenting `svid` and trusting `bundle`, and requests the echo server
 /// of `server_pod`. Succeeds once the server answered with the connected status; a
 /// certificate that either side rejects fails it.
 fn handshake(
@@ -179,7 +179,7 @@ fn handshake(
             kind: conn.handshake_kind(),
         };
         // In TLS 1.3 the server checks the client's certificate after the client has
-        // finished, so only the answer to the preamble shows whether it was accepted.
+        // finished, so only the status sent after the preamble shows whether it was accepted.
         let mut tls = rustls::StreamOwned::new(conn, socket);
         let dst = SocketAddr::from((server_ip, ECHO_PORT));
         let mut preamble = [0u8; interceptor::protocol::MAX_PREAMBLE_LEN];
@@ -439,7 +439,7 @@ fn node_refused_other_nodes_workload() {
         "{reused}"
     );
 
-    // A daemon whose clock is 90 s behind the CA's refuses to start and says why. The
+    // A daemon whose clock is 90 s behind the CA's fails to start with the reason. The
     // CA reports whole seconds, so the difference shows as 89 to 91 s.
     setup.mesh.stop_daemon(1).expect("stopping daemon 1");
     let skewed = setup
@@ -573,9 +573,8 @@ fn ca_outage_short_then_long() {
 
     // Short outage. Every SVID lives 12 s and is renewed after 5.4 to 6.6 s, so none
     // has less than 5.4 s left at any time. The CA goes away 5 s after a renewal of the
-    // client's SVID, for 2.5 s, so the client's next renewal fails, and any renewal
-    // that fails in the outage is retried (backoff 1 s, then 2 s) before its SVID
-    // expires.
+    // client's SVID, for 2.5 s, so the client's next renewal fails. Any renewal that
+    // fails in the outage is retried (backoff 1 s, then 2 s) before its SVID expires.
     let count = renewed_serials(&setup.mesh.log(1), &client_pod.name).len();
     wait_for_log(
         &setup.mesh,

@@ -20,7 +20,7 @@ use crate::workloads::Directory;
 /// RSA through 2030).
 const MIN_RSA_BITS: usize = 2048;
 
-/// Why the CA rejects a CSR. Each message is returned to the caller and logged.
+/// The reason the CA rejects a CSR. Each message is returned to the caller and logged.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum Rejection {
     #[error("malformed CSR: {reason}")]
@@ -40,7 +40,7 @@ pub enum Rejection {
     NotAssigned { requested: String, node: String },
 }
 
-/// The identity that a CSR asks for.
+/// The identity that a CSR requests.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Requested {
     Workload(SpiffeId),
@@ -63,9 +63,10 @@ pub struct CheckedCsr {
     pub params: CertificateSigningRequestParams,
 }
 
-/// Parses a PEM CSR and checks everything that does not depend on the caller: the
-/// PKCS #10 signature, a key of at least P-256, P-384, Ed25519 or 2048-bit RSA, exactly
-/// one URI SAN holding a workload or node SPIFFE ID, and that ID's trust domain.
+/// Parses a PEM CSR and checks everything that does not depend on the caller. These are
+/// the PKCS #10 signature and the key (P-256, P-384, Ed25519 or RSA of 2048 bits or
+/// more). The CSR must carry exactly one URI SAN, a workload or node SPIFFE ID of
+/// `trust_domain`.
 pub fn check(pem: &str, trust_domain: &TrustDomain) -> Result<CheckedCsr, Rejection> {
     let malformed = |reason: String| Rejection::Malformed { reason };
     let der = CertificateSigningRequestDer::from_pem_slice(pem.as_bytes())
@@ -368,9 +369,9 @@ cgroup = "interceptor/n2/db"
         let web = Requested::Workload("spiffe://td.test/ns/default/sa/web".parse().expect("ID"));
 
         assert_eq!(authorize(&web, &n1, &directory), Ok(()));
-        let refused = authorize(&web, &n2, &directory).expect_err("web is not on n2");
+        let rejection = authorize(&web, &n2, &directory).expect_err("web is not on n2");
         assert_eq!(
-            refused.to_string(),
+            rejection.to_string(),
             "spiffe://td.test/ns/default/sa/web is not assigned to node n2 in the workload directory"
         );
 

@@ -110,11 +110,11 @@ pub struct ServeConfig {
     #[arg(long, env = "INTERCEPTOR_NETNS")]
     pub netns: Option<PathBuf>,
 
-    /// Validity of a certificate whose request asks for none, e.g. `1h`.
+    /// Validity of a certificate whose request gives none, e.g. `1h`.
     #[arg(long, env = "INTERCEPTOR_CA_DEFAULT_LIFETIME", default_value = "1h", value_parser = parse_duration)]
     pub default_lifetime: Duration,
 
-    /// Maximum validity of any certificate, whatever a request asks for, e.g. `24h`.
+    /// Maximum validity of any certificate, whatever a request gives, e.g. `24h`.
     #[arg(long, env = "INTERCEPTOR_CA_MAX_LIFETIME", default_value = "24h", value_parser = parse_duration)]
     pub max_lifetime: Duration,
 

@@ -20,8 +20,8 @@ use super::tokens;
 use crate::identity::{self, LeafUsage, NodeId};
 use crate::workloads::Directory;
 
-/// What the handlers read: the CA directory's contents and the workload directory,
-/// replaced as a whole by the reload task.
+/// The state the handlers read: the CA directory's contents and the workload
+/// directory, replaced as a whole by the reload task.
 #[derive(Debug)]
 pub struct Snapshot {
     pub loaded: Loaded,
@@ -33,9 +33,9 @@ pub struct Snapshot {
 pub struct Service {
     pub(super) dir: PathBuf,
     pub(super) snapshot: Arc<RwLock<Arc<Snapshot>>>,
-    /// Validity of a certificate whose request asks for none.
+    /// Validity of a certificate whose request gives none.
     pub(super) default_lifetime: Duration,
-    /// Upper bound of every validity a request asks for.
+    /// Upper bound of every requested validity.
     pub(super) max_lifetime: Duration,
 }
 
@@ -103,28 +103,28 @@ impl CertificateService for Service {
         let snapshot = self.snapshot();
         let trust_domain = snapshot.loaded.ca.trust_domain().clone();
         let node = &request.node;
-        let refuse = |reason: String| {
+        let reject = |reason: String| {
             warn!(node = %node, reason = %reason, "node attestation rejected");
             Status::permission_denied(reason)
         };
         if snapshot.directory.node(node).is_none() {
-            return Err(refuse(format!(
+            return Err(reject(format!(
                 "node {node:?} is not in the workload directory"
             )));
         }
         let node_id =
-            NodeId::new(trust_domain.clone(), node).map_err(|error| refuse(error.to_string()))?;
+            NodeId::new(trust_domain.clone(), node).map_err(|error| reject(error.to_string()))?;
         let checked = csr::check(&request.csr, &trust_domain)
-            .map_err(|rejection| refuse(rejection.to_string()))?;
+            .map_err(|rejection| reject(rejection.to_string()))?;
         if checked.requested != Requested::Node(node_id.clone()) {
-            return Err(refuse(format!(
+            return Err(reject(format!(
                 "an attestation CSR must ask for {node_id}, not {}",
                 checked.requested
             )));
         }
         // The token is redeemed last, so a request with a bad CSR does not use it up.
         tokens::redeem(&self.dir, node, &request.join_token, SystemTime::now())
-            .map_err(|error| refuse(error.to_string()))?;
+            .map_err(|error| reject(error.to_string()))?;
         info!(node = %node, "node attested with its join token");
         let lifetime = self.lifetime(request.validity_duration);
         self.sign(&snapshot, &checked, lifetime).map(Response::new)
@@ -138,20 +138,20 @@ impl CertificateService for Service {
         let request = request.into_inner();
         let snapshot = self.snapshot();
         let trust_domain = snapshot.loaded.ca.trust_domain();
-        let refuse = |reason: String| {
+        let reject = |reason: String| {
             warn!(node = %caller.name(), reason = %reason, "certificate request rejected");
             Status::permission_denied(reason)
         };
         if caller.trust_domain() != trust_domain || snapshot.directory.node(caller.name()).is_none()
         {
-            return Err(refuse(format!(
+            return Err(reject(format!(
                 "{caller} is not a node of the workload directory"
             )));
         }
         let checked = csr::check(&request.csr, trust_domain)
-            .map_err(|rejection| refuse(rejection.to_string()))?;
+            .map_err(|rejection| reject(rejection.to_string()))?;
         csr::authorize(&checked.requested, &caller, &snapshot.directory)
-            .map_err(|rejection| refuse(rejection.to_string()))?;
+            .map_err(|rejection| reject(rejection.to_string()))?;
         let lifetime = self.lifetime(request.validity_duration);
         self.sign(&snapshot, &checked, lifetime).map(Response::new)
     }

@@ -29,7 +29,7 @@
 //!   `--for-seconds S` instead runs connections one after another until S seconds have
 //!   passed (at least one), and adds `connections=C` to the result line.
 //! - `stream` keeps one connection open for S seconds and exchanges a 1 KiB chunk with
-//!   the echo server every 20 ms, checking each echo; each round has its own 10 s
+//!   the echo server every 20 ms, checking each echo. Each round has its own 10 s
 //!   deadline.
 //! - `connect-only` connects and closes, to check whether a connection is possible.
 //!
