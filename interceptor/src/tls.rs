@@ -1,11 +1,14 @@
-//! The rustls configurations of the tunnel between node daemons.
+//! The rustls configurations of the tunnel between node daemons, and of the calls from
+//! node daemons to the CA service.
 //!
 //! Both ends run TLS 1.3 only, with the ring provider, and authenticate each other with
 //! SVIDs. A peer is accepted only if its leaf chains to the trust bundle and carries a
 //! workload SPIFFE ID of the local trust domain. Which SPIFFE ID to expect at a
 //! destination is the caller's check, after the handshake, with [`peer_spiffe_id`].
 //! Session resumption and 0-RTT are off, so every connection runs a full handshake and
-//! verifies the peer's current certificate.
+//! verifies the peer's current certificate. A configuration is immutable: a renewed SVID
+//! or a refreshed trust bundle takes effect by building new configurations, which new
+//! handshakes use while open connections keep theirs.
 
 use std::sync::{Arc, Mutex, OnceLock};
 
