@@ -167,6 +167,17 @@ impl Mesh {
         self.work_dir.join("ca")
     }
 
+    /// Returns the root that daemons trust before their first bundle fetch: the
+    /// operator's root when the CA is an intermediate, else the CA's own certificate.
+    fn bootstrap_bundle(&self) -> PathBuf {
+        let root = self.ca_dir().join("root-cert.pem");
+        if root.exists() {
+            root
+        } else {
+            self.ca_dir().join("ca-cert.pem")
+        }
+    }
+
     /// Returns the CA service's log so far.
     pub fn ca_log(&self) -> String {
         std::fs::read_to_string(self.work_dir.join("ca.log")).unwrap_or_default()
@@ -303,7 +314,7 @@ impl Mesh {
             .args(["--node", &self.nodes[slot]])
             .args(["--ca-addr", &self.ca.addr.to_string()])
             .arg("--ca-trust-bundle")
-            .arg(self.ca_dir().join("ca-cert.pem"))
+            .arg(self.bootstrap_bundle())
             .arg("--join-token-file")
             .arg(self.token_path(node_index))
             .arg("--state-dir")

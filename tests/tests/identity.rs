@@ -1,5 +1,6 @@
 //! Privileged end-to-end tests of the workload identity lifecycle with the CA service:
-//! renewals under live traffic, node authorization, root rotation and CA outages.
+//! renewals under live traffic, node authorization, root rotation, CA outages and a CA
+//! that is an intermediate under an operator's root.
 //!
 //! SVID lifetimes are a few seconds, set through `--svid-lifetime`, and the trust
 //! bundle is refreshed every second, so each test covers many renewals in a short run.
@@ -656,4 +657,75 @@ fn ca_outage_short_then_long() {
     .expect("running mesh-peer");
     let result = String::from_utf8_lossy(&output.stdout).trim().to_owned();
     assert_eq!(result, "result=ok sent=1000 received=1000");
+}
+
+#[test]
+fn intermediate_ca_serves_mesh() {
+    let test = "intermediate_ca_serves_mesh";
+    if !require_privileges(test) {
+        return;
+    }
+    let spec = IslandSpec {
+        prefix: "id6".to_owned(),
+        nodes: 2,
+        pods_per_node: 1,
+        subnet: 230,
+    };
+    let island = Island::up(spec).expect("building the island");
+    let work_dir = std::env::temp_dir().join("interceptor-identity-id6");
+    let _ = std::fs::remove_dir_all(&work_dir);
+    let operator_dir = work_dir.join("operator");
+    let ca_dir = work_dir.join("ca");
+    let init = |args: &[&str]| {
+        let output = Command::new(interceptor_tests::mesh::interceptor_bin())
+            .args(["ca", "init", "--trust-domain", TRUST_DOMAIN])
+            .args(args)
+            .output()
+            .expect("running interceptor ca init");
+        assert!(
+            output.status.success(),
+            "ca init {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    let operator_path = operator_dir.to_string_lossy().into_owned();
+    init(&["--dir", &operator_path]);
+    init(&[
+        "--dir",
+        &ca_dir.to_string_lossy(),
+        "--root-cert",
+        &operator_dir.join("ca-cert.pem").to_string_lossy(),
+        "--root-key",
+        &operator_dir.join("ca-key.pem").to_string_lossy(),
+    ]);
+    let enrolled: Vec<&Pod> = island.pods().iter().collect();
+    let mesh = Mesh::start(&island, &work_dir, &enrolled, &["--kernel-tls", "off"])
+        .expect("starting the mesh under the intermediate");
+    let client_pod = island.pod(1, 1);
+    let server_pod = island.pod(2, 1);
+    let _server = PeerServer::start(&island, server_pod, &["echo", "0.0.0.0:8080"])
+        .expect("starting the echo server");
+
+    let target = format!("{}:{ECHO_PORT}", server_pod.ip);
+    let output = run_peer(&island, client_pod, &["client", &target, "--bytes", "1000"])
+        .expect("running mesh-peer");
+    let result = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+    assert_eq!(result, "result=ok sent=1000 received=1000");
+
+    // The published bundle is the operator's root alone.
+    let operator = CertificateAuthority::load(&operator_dir).expect("loading the operator's root");
+    let state = NodeState::open(&mesh.state_dir(1)).expect("node 1's state directory");
+    let bundle = state
+        .bundle()
+        .expect("reading node 1's bundle")
+        .expect("node 1 saved the bundle");
+    assert_eq!(bundle, operator.trust_bundle());
+
+    // A peer with an SVID of the operator's root directly is accepted, and the server's
+    // SVID chains to that root through the intermediate.
+    let svid = operator
+        .issue(&spiffe_id(client_pod), Duration::from_secs(600))
+        .expect("issuing an SVID from the operator's root");
+    handshake(client_pod, server_pod, &svid, &operator.trust_bundle())
+        .expect("a tunnel that trusts only the operator's root");
 }
