@@ -99,6 +99,9 @@ pub fn check_clock_skew(
 
 /// The daemon's view of the clock: the system clock, shifted by the test-only
 /// `--test-clock-offset`.
+///
+/// NOTE: rustls checks the validity of peer certificates against the system clock, so
+/// the offset changes the skew check and the expiry handling of this module only.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Clock {
     offset: SignedDuration,
