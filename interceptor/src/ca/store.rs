@@ -57,6 +57,8 @@ pub enum Error {
     AlreadyPrepared { path: PathBuf },
     #[error("no prepared root in {path}: run `interceptor ca rotate prepare` first")]
     NotPrepared { path: PathBuf },
+    #[error("the CA in {path} is an intermediate under an operator's root, which `ca rotate` does not rotate: rotate the operator's root with the operator's own tools")]
+    IntermediateRotation { path: PathBuf },
 }
 
 /// The signing CA and the published trust bundle, as read from the CA directory.
@@ -116,6 +118,11 @@ pub fn to_pem(certs: &[CertificateDer<'_>]) -> String {
 /// Rotation step 1: creates the next root in `<dir>/next` and adds it to the published
 /// bundle. Daemons trust it from their next bundle refresh on.
 pub fn prepare_rotation(dir: &Path) -> Result<PathBuf, Error> {
+    if dir.join(identity::ROOT_CERT_FILE).exists() {
+        return Err(Error::IntermediateRotation {
+            path: dir.to_owned(),
+        });
+    }
     let current = load(dir)?;
     let next = dir.join(NEXT_DIR);
     if next.join(CA_CERT_FILE).exists() || next.join(CA_KEY_FILE).exists() {
@@ -241,5 +248,31 @@ mod tests {
         finish_rotation(&ca_dir).expect("finish");
         let finished = load(&ca_dir).expect("load after finish");
         assert_eq!(finished.bundle, vec![finished.ca.certificate().clone()]);
+    }
+
+    #[test]
+    fn intermediate_is_not_rotated() {
+        let dir = TestDir::new("store-intermediate");
+        let td: TrustDomain = "td.test".parse().expect("trust domain");
+        let operator_dir = dir.path().join("operator");
+        CertificateAuthority::init(&operator_dir, &td).expect("init the operator's root");
+        let ca_dir = dir.path().join("ca");
+        CertificateAuthority::init_intermediate(
+            &ca_dir,
+            &td,
+            &operator_dir.join(CA_CERT_FILE),
+            &operator_dir.join(CA_KEY_FILE),
+        )
+        .expect("init the intermediate");
+
+        let result = prepare_rotation(&ca_dir);
+        assert!(
+            matches!(result, Err(Error::IntermediateRotation { .. })),
+            "prepare returned {result:?}"
+        );
+        assert!(
+            !ca_dir.join(NEXT_DIR).exists(),
+            "prepare created a next root"
+        );
     }
 }
