@@ -1,6 +1,7 @@
-//! Embeds the eBPF object built by `cargo xtask build-ebpf`, when it exists. A plain
-//! `cargo build` does not rebuild that object; without one, the daemon reports at start
-//! that it has none.
+//! Embeds the eBPF object built by `cargo xtask build-ebpf`, when it exists, and
+//! generates the CA service's gRPC code from `proto/ca.proto` with protoc. A plain
+//! `cargo build` does not rebuild the eBPF object; without one, the daemon reports at
+//! start that it has none.
 
 use std::path::PathBuf;
 
@@ -16,4 +17,13 @@ fn main() {
     println!("cargo:rerun-if-changed={}", object.display());
     let bytes = std::fs::read(&object).unwrap_or_default();
     std::fs::write(out.join("interceptor.bpf.o"), bytes).expect("OUT_DIR is writable");
+
+    // protoc comes from Debian's protobuf-compiler; scripts/setup.sh installs it.
+    if let Err(error) =
+        tonic_prost_build::configure().compile_protos(&["proto/ca.proto"], &["proto"])
+    {
+        panic!(
+            "compiling proto/ca.proto failed (is protoc installed? run scripts/setup.sh): {error}"
+        );
+    }
 }

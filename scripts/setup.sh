@@ -21,6 +21,8 @@ APT_PACKAGES=(
   iperf3
   # The bench chart's text font.
   fonts-dejavu-core
+  # protoc, which tonic-prost-build runs to compile the CA service's protobuf definition.
+  protobuf-compiler
 )
 
 log() { echo "setup: $*" >&2; }

@@ -19,7 +19,9 @@
 #
 # Layout (tests/src/topology.rs computes the same names; change both together).
 # Indexes i (node) and j (pod) start at 1.
-#   P-sw         netns of the switch: bridge `sw`, one port `n<i>` per node
+#   P-sw         netns of the switch: bridge `sw`, one port `n<i>` per node and port `ca`
+#   P-ca         netns of the CA service: veth `wire` on the switch, 10.K.0.100/24, no
+#                other route, so only the nodes (on the same /24) reach it
 #   P-n<i>       netns of node i: veth `wire` on the switch, 10.K.0.<i>/24,
 #                ip_forward=1, route 10.K.<j>.0/24 via 10.K.0.<j> for every other node j;
 #                bridge `pods` with 10.K.<i>.1/24, one port `p<j>` per pod
@@ -39,6 +41,8 @@ set -euo pipefail
 PREFIX_PATTERN='^[a-z0-9]{1,8}$'
 BPFFS_PIN_ROOT=/sys/fs/bpf/interceptor
 NETNS_DIR=/run/netns
+# Last octet of the CA service's address 10.K.0.<octet>, above every node's.
+CA_HOST_OCTET=100
 # Seconds `down` waits for killed processes to leave their cgroups before rmdir.
 CGROUP_DRAIN_TIMEOUT=10
 
@@ -165,6 +169,13 @@ up() {
   ip -n "$sw" link set lo up
   ip -n "$sw" link add sw type bridge forward_delay 0
   ip -n "$sw" link set sw up
+
+  ip netns add "$prefix-ca"
+  ip -n "$prefix-ca" link set lo up
+  ip -n "$sw" link add ca type veth peer name wire netns "$prefix-ca"
+  ip -n "$sw" link set ca master sw up
+  ip -n "$prefix-ca" addr add "10.$subnet.0.$CA_HOST_OCTET/24" dev wire
+  ip -n "$prefix-ca" link set wire up
 
   for ((i = 1; i <= nodes; i++)); do
     node="$prefix-n$i"

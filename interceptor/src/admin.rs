@@ -8,8 +8,9 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -42,10 +43,24 @@ struct Counters {
     bytes_received: u64,
 }
 
-/// Counters of closed connections, by [`ConnectionLabels`].
+/// State of one workload's SVID, for the identity metrics.
+#[derive(Debug, Default)]
+struct SvidState {
+    not_after: Option<SystemTime>,
+    lifetime: Duration,
+    renewals_ok: u64,
+    renewals_failed: u64,
+}
+
+/// Counters of closed connections, by [`ConnectionLabels`], and the state of the
+/// workloads' SVIDs.
 #[derive(Debug, Default)]
 pub struct Metrics {
     closed: Mutex<BTreeMap<ConnectionLabels, Counters>>,
+    /// By workload name.
+    svids: Mutex<BTreeMap<String, SvidState>>,
+    /// This node's clock minus the CA's at the CA's last response, in seconds.
+    clock_skew_seconds: AtomicI64,
 }
 
 impl Metrics {
@@ -60,6 +75,44 @@ impl Metrics {
         counters.connections += 1;
         counters.bytes_sent += sent;
         counters.bytes_received += received;
+    }
+
+    /// Records that `workload` has an SVID valid until `not_after`, issued for
+    /// `lifetime`. With `renewed`, it also counts a successful renewal.
+    pub fn record_svid(
+        &self,
+        workload: &str,
+        not_after: SystemTime,
+        lifetime: Duration,
+        renewed: bool,
+    ) {
+        let mut svids = self
+            .svids
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let state = svids.entry(workload.to_owned()).or_default();
+        state.not_after = Some(not_after);
+        state.lifetime = lifetime;
+        if renewed {
+            state.renewals_ok += 1;
+        }
+    }
+
+    /// Counts a failed renewal attempt of `workload`'s SVID.
+    pub fn record_renewal_failure(&self, workload: &str) {
+        let mut svids = self
+            .svids
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        svids
+            .entry(workload.to_owned())
+            .or_default()
+            .renewals_failed += 1;
+    }
+
+    /// Records this node's clock minus the CA's, in seconds.
+    pub fn record_clock_skew(&self, seconds: i64) {
+        self.clock_skew_seconds.store(seconds, Ordering::Relaxed);
     }
 
     /// Renders every metric in the Prometheus text format, with what the kernel supports
@@ -116,6 +169,8 @@ impl Metrics {
                 u8::from(offloaded)
             );
         }
+        drop(closed);
+        self.render_svids(&mut out);
         for (name, help, value) in [
             (
                 "interceptor_kernel_tls_splice_rx",
@@ -135,6 +190,71 @@ impl Metrics {
             );
         }
         out
+    }
+}
+
+impl Metrics {
+    /// Renders the SVID gauges and counters. A workload counts as close to expiry when
+    /// less than a quarter of its SVID's lifetime remains, which happens only when
+    /// renewals at half the lifetime have failed.
+    fn render_svids(&self, out: &mut String) {
+        let svids = self
+            .svids
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let now = SystemTime::now();
+        let remaining = |state: &SvidState| -> f64 {
+            match state.not_after {
+                Some(not_after) => match not_after.duration_since(now) {
+                    Ok(left) => left.as_secs_f64(),
+                    Err(past) => -past.duration().as_secs_f64(),
+                },
+                None => 0.0,
+            }
+        };
+
+        let name = "interceptor_svid_expiry_seconds";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Seconds until the workload's SVID expires; negative once expired.\n# TYPE {name} gauge"
+        );
+        for (workload, state) in svids.iter() {
+            let _ = writeln!(
+                out,
+                "{name}{{workload=\"{workload}\"}} {:.0}",
+                remaining(state)
+            );
+        }
+
+        let name = "interceptor_svid_near_expiry";
+        let _ = writeln!(
+            out,
+            "# HELP {name} 1 when less than a quarter of the SVID's lifetime remains.\n# TYPE {name} gauge"
+        );
+        for (workload, state) in svids.iter() {
+            let near = remaining(state) < state.lifetime.as_secs_f64() / 4.0;
+            let _ = writeln!(out, "{name}{{workload=\"{workload}\"}} {}", u8::from(near));
+        }
+
+        let name = "interceptor_svid_renewals_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} SVID renewal attempts, by result.\n# TYPE {name} counter"
+        );
+        for (workload, state) in svids.iter() {
+            let _ = writeln!(
+                out,
+                "{name}{{workload=\"{workload}\",result=\"ok\"}} {}\n{name}{{workload=\"{workload}\",result=\"error\"}} {}",
+                state.renewals_ok, state.renewals_failed
+            );
+        }
+
+        let name = "interceptor_clock_skew_seconds";
+        let _ = writeln!(
+            out,
+            "# HELP {name} This node's clock minus the CA's, at the CA's last answer.\n# TYPE {name} gauge\n{name} {}",
+            self.clock_skew_seconds.load(Ordering::Relaxed)
+        );
     }
 }
 
@@ -248,6 +368,46 @@ mod tests {
             text.contains("interceptor_kernel_tls_offload{cipher=\"CHACHA20-POLY1305\"} 0"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn svid_metrics_show_expiry() {
+        let metrics = Metrics::default();
+        let lifetime = Duration::from_secs(100);
+        let now = SystemTime::now();
+        metrics.record_svid("fresh", now + Duration::from_secs(90), lifetime, true);
+        metrics.record_svid("stale", now + Duration::from_secs(10), lifetime, false);
+        metrics.record_renewal_failure("stale");
+        metrics.record_clock_skew(-3);
+        let text = metrics.render(&ktls::Support::none("test"));
+
+        assert!(
+            text.contains("interceptor_svid_near_expiry{workload=\"fresh\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("interceptor_svid_near_expiry{workload=\"stale\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("interceptor_svid_renewals_total{workload=\"fresh\",result=\"ok\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("interceptor_svid_renewals_total{workload=\"stale\",result=\"error\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("interceptor_clock_skew_seconds -3"), "{text}");
+        let expiry = text
+            .lines()
+            .find(|line| line.starts_with("interceptor_svid_expiry_seconds{workload=\"fresh\"}"))
+            .expect("expiry of fresh");
+        let seconds: f64 = expiry
+            .rsplit(' ')
+            .next()
+            .and_then(|value| value.parse().ok())
+            .expect("a number");
+        assert!((88.0..=90.0).contains(&seconds), "{expiry}");
     }
 
     #[test]

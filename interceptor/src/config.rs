@@ -3,8 +3,9 @@
 //! Every flag has an `INTERCEPTOR_*` environment fallback. The workload directory the
 //! daemon serves is a separate file (`--config`, see [`crate::workloads`]).
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use clap::Args;
 
@@ -33,9 +34,54 @@ pub struct RunConfig {
     #[arg(long, env = "INTERCEPTOR_NODE")]
     pub node: String,
 
-    /// Directory holding `ca-cert.pem` and `ca-key.pem`, as written by `interceptor ca init`.
+    /// Single-host mode: directory holding `ca-cert.pem` and `ca-key.pem`, as written by
+    /// `interceptor ca init`, from which the daemon signs its workloads' SVIDs itself.
+    /// Give either this or `--ca-addr`.
     #[arg(long, env = "INTERCEPTOR_CA_DIR")]
-    pub ca_dir: PathBuf,
+    pub ca_dir: Option<PathBuf>,
+
+    /// Address of the CA service (`interceptor ca serve`, port 15012), from which the
+    /// daemon obtains its node and workload SVIDs and the trust bundle. Give either this
+    /// or `--ca-dir`.
+    #[arg(long, env = "INTERCEPTOR_CA_ADDR")]
+    pub ca_addr: Option<SocketAddr>,
+
+    /// PEM roots that the daemon trusts for the CA service before it has fetched a trust
+    /// bundle, e.g. a copy of the CA's `ca-cert.pem`. Required with `--ca-addr` until the
+    /// state directory contains a bundle.
+    #[arg(long, env = "INTERCEPTOR_CA_TRUST_BUNDLE")]
+    pub ca_trust_bundle: Option<PathBuf>,
+
+    /// File with this node's one-time join token from `interceptor ca token` (mode
+    /// 0600). Read only when the state directory contains no valid node SVID.
+    #[arg(long, env = "INTERCEPTOR_JOIN_TOKEN_FILE")]
+    pub join_token_file: Option<PathBuf>,
+
+    /// Directory for the node key (mode 0600), the node SVID and the last trust bundle,
+    /// so a restarted daemon needs no new join token. Created with mode 0700.
+    #[arg(
+        long,
+        env = "INTERCEPTOR_STATE_DIR",
+        default_value = "/var/lib/interceptor"
+    )]
+    pub state_dir: PathBuf,
+
+    /// Interval at which the daemon fetches the trust bundle from the CA service, e.g.
+    /// `30s`. A root rotation waits at least this long between its steps.
+    #[arg(long, env = "INTERCEPTOR_BUNDLE_REFRESH", default_value = "30s", value_parser = parse_duration)]
+    pub bundle_refresh: Duration,
+
+    /// Largest difference between this node's clock and the CA's that the daemon
+    /// accepts, e.g. `30s`. A larger one stops the daemon at start and is logged as an
+    /// error later.
+    #[arg(long, env = "INTERCEPTOR_MAX_CLOCK_SKEW", default_value = "30s", value_parser = parse_duration)]
+    pub max_clock_skew: Duration,
+
+    /// Test only: shifts the daemon's view of the clock by this signed offset, e.g.
+    /// `-90s` or `45s`, to exercise the clock skew check without moving the system
+    /// clock. Used for the skew check and for the expiry of its own SVIDs.
+    #[arg(long, env = "INTERCEPTOR_TEST_CLOCK_OFFSET", value_parser = parse_signed_duration, allow_hyphen_values = true)]
+    pub test_clock_offset: Option<SignedDuration>,
 
     /// Network namespace to run the daemon in (a file such as `/run/netns/node1`);
     /// by default the one it was started in. The standalone topology runs each node's
@@ -79,9 +125,16 @@ pub struct RunConfig {
     #[arg(long, env = "INTERCEPTOR_CONNECT_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub connect_timeout: Duration,
 
-    /// Lifetime of workload certificates (SVIDs); each is renewed at half its lifetime.
+    /// Lifetime of workload and node certificates (SVIDs), e.g. `1h`; each is renewed at
+    /// about half its lifetime, with a random 10% jitter. The CA service may cap it.
     #[arg(long, env = "INTERCEPTOR_SVID_LIFETIME", default_value = "1h", value_parser = parse_duration)]
     pub svid_lifetime: Duration,
+
+    /// Lifetime of the node SVID from the CA service, e.g. `24h`; renewed like workload
+    /// SVIDs. A daemon whose node SVID expired (for example during a longer CA outage)
+    /// needs a new join token.
+    #[arg(long, env = "INTERCEPTOR_NODE_SVID_LIFETIME", default_value = "24h", value_parser = parse_duration)]
+    pub node_svid_lifetime: Duration,
 
     /// Number of async worker threads.
     #[arg(long, env = "INTERCEPTOR_WORKER_THREADS", default_value_t = 2)]
@@ -150,6 +203,25 @@ impl RunConfig {
                 problems.push(format!("{flag} 0s: must be longer than zero"));
             }
         }
+        match (&self.ca_dir, &self.ca_addr) {
+            (Some(_), Some(_)) => {
+                problems.push("--ca-dir and --ca-addr: give only one of them".to_owned())
+            }
+            (None, None) => problems.push(
+                "missing CA: give --ca-addr (the CA service) or --ca-dir (single-host mode)"
+                    .to_owned(),
+            ),
+            _ => {}
+        }
+        if self.node_svid_lifetime < Duration::from_secs(2) {
+            problems.push(format!(
+                "--node-svid-lifetime {:?}: must be at least 2s",
+                self.node_svid_lifetime
+            ));
+        }
+        if self.bundle_refresh.is_zero() {
+            problems.push("--bundle-refresh 0s: must be longer than zero".to_owned());
+        }
         if self.svid_lifetime < Duration::from_secs(2) {
             problems.push(format!(
                 "--svid-lifetime {:?}: must be at least 2s",
@@ -180,6 +252,36 @@ impl RunConfig {
             || port == self.plaintext_port
             || RESERVED_PORTS.contains(&port)
     }
+}
+
+/// A duration with a sign, such as the test-only clock offset.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SignedDuration {
+    pub negative: bool,
+    pub magnitude: Duration,
+}
+
+impl SignedDuration {
+    /// Returns `time` moved by this duration.
+    pub fn apply(self, time: SystemTime) -> SystemTime {
+        if self.negative {
+            time.checked_sub(self.magnitude).unwrap_or(time)
+        } else {
+            time.checked_add(self.magnitude).unwrap_or(time)
+        }
+    }
+}
+
+/// Parses a duration as [`parse_duration`] does, with an optional leading `-` or `+`.
+pub fn parse_signed_duration(text: &str) -> Result<SignedDuration, String> {
+    let (negative, rest) = match text.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, text.strip_prefix('+').unwrap_or(text)),
+    };
+    Ok(SignedDuration {
+        negative,
+        magnitude: parse_duration(rest)?,
+    })
 }
 
 /// Parses a duration written as a number and a unit: `ms`, `s`, `m` or `h`.
@@ -248,6 +350,19 @@ mod tests {
         assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+    }
+
+    #[test]
+    fn signed_duration_parses_and_applies() {
+        let behind = parse_signed_duration("-90s").expect("parse -90s");
+        assert!(behind.negative);
+        assert_eq!(behind.magnitude, Duration::from_secs(90));
+        let ahead = parse_signed_duration("+2m").expect("parse +2m");
+        assert!(!ahead.negative);
+        let now = SystemTime::now();
+        assert_eq!(behind.apply(now), now - Duration::from_secs(90));
+        assert_eq!(ahead.apply(now), now + Duration::from_secs(120));
+        assert!(parse_signed_duration("--1s").is_err());
     }
 
     #[test]

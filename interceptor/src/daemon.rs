@@ -1,8 +1,10 @@
 //! `interceptor run`: brings up one node's share of the mesh and serves it until a
 //! signal stops it.
 //!
-//! Order matters for failing closed. Everything that can be checked without touching
-//! the kernel (directory, node, CA) is checked first. Then each local workload gets its
+//! Order matters for failing closed. The directory, the node and the CA are checked
+//! first: with `--ca-addr` the daemon authenticates to the CA service and fetches the
+//! trust bundle (see [`crate::identity_manager`]), with `--ca-dir` it loads the CA key.
+//! Then each local workload gets its
 //! namespace thread, SVID and listeners; only then are the programs attached and the
 //! workloads enrolled, so an enrolled pod never finds its listener missing while the
 //! daemon runs. On exit the pinned programs stay, and enrolled pods' connects fail until
@@ -23,6 +25,7 @@ use crate::admin;
 use crate::config::{KernelTls, RunConfig, DELIVERY_MARK};
 use crate::ebpf::{self, NodePrograms, PodNetns};
 use crate::identity::CertificateAuthority;
+use crate::identity_manager::Manager;
 use crate::inbound;
 use crate::ktls;
 use crate::netns::Netns;
@@ -52,6 +55,10 @@ pub enum Error {
         path: PathBuf,
         known: String,
     },
+    #[error("this mode signs SVIDs itself and needs --ca-dir")]
+    MissingCaDir,
+    #[error("obtaining this node's identities from the CA service failed")]
+    IdentityManager(#[source] crate::identity_manager::Error),
     #[error("loading the CA failed")]
     Ca {
         path: PathBuf,
@@ -131,7 +138,6 @@ pub async fn run(config: RunConfig) -> Result<(), Error> {
             known: known_nodes(&directory),
         })?
         .clone();
-    let ca = load_ca(&config, &directory)?;
     let policy_watcher = config
         .policies
         .as_ref()
@@ -143,14 +149,22 @@ pub async fn run(config: RunConfig) -> Result<(), Error> {
         })
         .transpose()?;
 
+    let (ktls, options) = tunnel_options(&config);
+    let identities = match config.ca_addr {
+        Some(addr) => {
+            let manager = Manager::start(&config, addr, &directory.trust_domain, &options)
+                .await
+                .map_err(Error::IdentityManager)?;
+            Identities::Service(Arc::new(manager))
+        }
+        None => Identities::Local(Arc::new(load_ca(&config, &directory)?)),
+    };
+
     let cgroup2 = ebpf::cgroup2_mount()?;
     check_own_cgroup(&node.cgroup)?;
     let node_cgroup = cgroup2.join(&node.cgroup);
     ebpf::cgroup_id(&node_cgroup)?;
 
-    let (ktls, options) = tunnel_options(&config);
-
-    let ca = Arc::new(ca);
     let mut locals = Vec::new();
     let mut enrolled = Vec::new();
     let mut outbound_exclusions = Vec::new();
@@ -158,7 +172,7 @@ pub async fn run(config: RunConfig) -> Result<(), Error> {
     let mut pod_netns = Vec::new();
     let mut listeners = Vec::new();
     for workload in directory.on_node(&node.name) {
-        let local = prepare_workload(workload, &ca, &config, &options).await?;
+        let local = prepare_workload(workload, &identities, &config, &options).await?;
         let cgroup_id = ebpf::cgroup_id(&cgroup2.join(&workload.cgroup))?;
         enrolled.push((
             cgroup_id,
@@ -282,16 +296,16 @@ pub async fn run(config: RunConfig) -> Result<(), Error> {
             Arc::clone(&local),
             Arc::clone(&shared),
         ));
-        let span = tracing::info_span!("renew", workload = %local.workload.name);
-        tokio::spawn(
-            renew_svids(
-                local,
-                Arc::clone(&ca),
-                config.svid_lifetime,
-                options.clone(),
-            )
-            .instrument(span),
-        );
+        if let Identities::Local(ca) = &identities {
+            let span = tracing::info_span!("renew", workload = %local.workload.name);
+            tokio::spawn(
+                renew_svids(local, Arc::clone(ca), config.svid_lifetime, options.clone())
+                    .instrument(span),
+            );
+        }
+    }
+    if let Identities::Service(manager) = &identities {
+        manager.spawn(&locals, &shared.metrics);
     }
 
     wait_for_stop().await?;
@@ -300,6 +314,14 @@ pub async fn run(config: RunConfig) -> Result<(), Error> {
         "daemon stopping; the eBPF programs stay attached, so enrolled pods' connects fail until a daemon is back (`interceptor uninstall` removes them)"
     );
     Ok(())
+}
+
+/// The source of the daemon's SVIDs.
+enum Identities {
+    /// Single-host mode (`--ca-dir`): the daemon loads the CA key and signs itself.
+    Local(Arc<CertificateAuthority>),
+    /// The CA service (`--ca-addr`).
+    Service(Arc<Manager>),
 }
 
 /// Returns the names of the directory's nodes, for an error about an unknown one.
@@ -314,13 +336,14 @@ pub(crate) fn load_ca(
     config: &RunConfig,
     directory: &Directory,
 ) -> Result<CertificateAuthority, Error> {
-    let ca = CertificateAuthority::load(&config.ca_dir).map_err(|source| Error::Ca {
-        path: config.ca_dir.clone(),
+    let ca_dir = config.ca_dir.as_ref().ok_or(Error::MissingCaDir)?;
+    let ca = CertificateAuthority::load(ca_dir).map_err(|source| Error::Ca {
+        path: ca_dir.clone(),
         source,
     })?;
     if ca.trust_domain() != &directory.trust_domain {
         return Err(Error::TrustDomainMismatch {
-            path: config.ca_dir.clone(),
+            path: ca_dir.clone(),
             ca: ca.trust_domain().to_string(),
             directory: directory.trust_domain.to_string(),
         });
@@ -362,7 +385,7 @@ fn check_own_cgroup(node_cgroup: &Path) -> Result<(), Error> {
 
 async fn prepare_workload(
     workload: &Workload,
-    ca: &CertificateAuthority,
+    identities: &Identities,
     config: &RunConfig,
     options: &TunnelOptions,
 ) -> Result<Arc<LocalWorkload>, Error> {
@@ -370,7 +393,13 @@ async fn prepare_workload(
         workload: workload.name.clone(),
         source,
     })?;
-    let tls = issue_tls(workload, ca, config.svid_lifetime, options)?;
+    let tls = match identities {
+        Identities::Local(ca) => issue_tls(workload, ca, config.svid_lifetime, options)?,
+        Identities::Service(manager) => manager
+            .issue(workload)
+            .await
+            .map_err(Error::IdentityManager)?,
+    };
     Ok(Arc::new(LocalWorkload {
         workload: workload.clone(),
         netns,
@@ -400,6 +429,7 @@ pub(crate) fn issue_tls(
         client: crate::tls::client_config_with(&svid, &bundle, options).map_err(tls_error)?,
         server: crate::tls::server_config_with(&svid, &bundle, options).map_err(tls_error)?,
         serial: svid.serial.clone(),
+        not_after: svid.not_after,
     })
 }
 

@@ -7,6 +7,11 @@
 //! `ca-key.pem`. [`CertificateAuthority::init`] creates them once and
 //! [`CertificateAuthority::load`] reads them at start. SVID key pairs are generated in
 //! memory by [`CertificateAuthority::issue`] and never written to disk.
+//!
+//! With the CA service (`interceptor ca serve`), node daemons generate their key pairs
+//! themselves and send only a CSR ([`generate_csr`]), which the CA signs with
+//! [`CertificateAuthority::sign_csr`]. A node daemon's own identity is a [`NodeId`],
+//! `spiffe://<trust-domain>/node/<name>`, which it uses only to authenticate to the CA.
 
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
@@ -30,6 +35,9 @@ use x509_parser::extensions::GeneralName;
 pub const CA_CERT_FILE: &str = "ca-cert.pem";
 /// File name of the CA private key (PKCS #8 PEM) inside the CA directory.
 pub const CA_KEY_FILE: &str = "ca-key.pem";
+/// File name of the operator's root certificate (PEM) inside the CA directory, present
+/// when the CA is an intermediate under that root.
+pub const ROOT_CERT_FILE: &str = "root-cert.pem";
 
 /// Maximum length of a SPIFFE ID in bytes. The SPIFFE ID standard (section 2.3) requires
 /// support up to this length and advises against generating longer IDs.
@@ -41,7 +49,7 @@ const MAX_TRUST_DOMAIN_LEN: usize = 255;
 const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 60 * 60);
 /// How far `not_before` is backdated, so that a peer whose clock runs slightly behind
 /// still accepts a freshly issued certificate.
-const CLOCK_SKEW: Duration = Duration::from_secs(60);
+pub const CLOCK_SKEW: Duration = Duration::from_secs(60);
 const CA_COMMON_NAME: &str = "interceptor root CA";
 const SPIFFE_SCHEME_PREFIX: &str = "spiffe://";
 
@@ -128,6 +136,20 @@ pub enum Error {
     MissingSpiffeId,
     #[error("more than one URI SAN in the certificate ({count}), but an SVID carries exactly one")]
     MultipleUriSans { count: usize },
+    #[error("invalid node SPIFFE ID {value:?}: {reason}")]
+    InvalidNodeId { value: String, reason: String },
+    #[error("building a CSR for {uri} failed")]
+    BuildCsr {
+        uri: String,
+        #[source]
+        source: rcgen::Error,
+    },
+    #[error("signing the certificate for {uri} failed")]
+    SignCsr {
+        uri: String,
+        #[source]
+        source: rcgen::Error,
+    },
 }
 
 /// A SPIFFE trust domain name, such as `cluster.local`.
@@ -275,6 +297,111 @@ impl fmt::Display for SpiffeId {
     }
 }
 
+/// The SPIFFE ID of a node daemon: `spiffe://<trust-domain>/node/<name>`.
+///
+/// The CA issues it in exchange for the node's join token, and the daemon presents it
+/// only to the CA, never on a tunnel. The name follows the rules of a workload path
+/// segment.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NodeId {
+    trust_domain: TrustDomain,
+    name: String,
+}
+
+impl NodeId {
+    /// Builds the SPIFFE ID of node `name`.
+    pub fn new(trust_domain: TrustDomain, name: &str) -> Result<Self, Error> {
+        validate_path_segment("node name", name).map_err(|reason| Error::InvalidNodeId {
+            value: format!("{SPIFFE_SCHEME_PREFIX}{trust_domain}/node/{name}"),
+            reason,
+        })?;
+        Ok(Self {
+            trust_domain,
+            name: name.to_owned(),
+        })
+    }
+
+    pub fn trust_domain(&self) -> &TrustDomain {
+        &self.trust_domain
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl FromStr for NodeId {
+    type Err = Error;
+
+    fn from_str(value: &str) -> Result<Self, Error> {
+        let invalid = |reason: String| Error::InvalidNodeId {
+            value: value.to_owned(),
+            reason,
+        };
+        if value.len() > MAX_SPIFFE_ID_LEN {
+            return Err(invalid("is longer than 2048 bytes".to_owned()));
+        }
+        let rest = value
+            .strip_prefix(SPIFFE_SCHEME_PREFIX)
+            .ok_or_else(|| invalid("must start with spiffe://".to_owned()))?;
+        let shape = "path must be /node/<name>";
+        let (authority, path) = rest
+            .split_once('/')
+            .ok_or_else(|| invalid(shape.to_owned()))?;
+        let trust_domain: TrustDomain = authority
+            .parse()
+            .map_err(|error: Error| invalid(error.to_string()))?;
+        let name = path
+            .strip_prefix("node/")
+            .ok_or_else(|| invalid(shape.to_owned()))?;
+        if name.contains(['/', '?', '#']) {
+            return Err(invalid(shape.to_owned()));
+        }
+        Self::new(trust_domain, name)
+    }
+}
+
+impl fmt::Display for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{SPIFFE_SCHEME_PREFIX}{}/node/{}",
+            self.trust_domain, self.name
+        )
+    }
+}
+
+/// Returns the SPIFFE ID that the CA service presents as a TLS server:
+/// `spiffe://<trust-domain>/ca`.
+pub fn ca_service_id(trust_domain: &TrustDomain) -> String {
+    format!("{SPIFFE_SCHEME_PREFIX}{trust_domain}/ca")
+}
+
+/// The purpose of a leaf certificate, which sets its extended key usages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LeafUsage {
+    /// A workload SVID: serverAuth and clientAuth, because every workload is both ends
+    /// of tunnels.
+    Workload,
+    /// A node SVID: clientAuth only, because a node authenticates only to the CA.
+    Node,
+    /// The CA service's certificate: serverAuth only.
+    CaService,
+}
+
+impl LeafUsage {
+    fn extended_key_usages(self) -> Vec<ExtendedKeyUsagePurpose> {
+        match self {
+            LeafUsage::Workload => vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+            LeafUsage::Node => vec![ExtendedKeyUsagePurpose::ClientAuth],
+            LeafUsage::CaService => vec![ExtendedKeyUsagePurpose::ServerAuth],
+        }
+    }
+}
+
 /// Returns why `value` is not a valid SPIFFE ID path segment. Messages call the segment
 /// `segment_name`.
 fn validate_path_segment(segment_name: &str, value: &str) -> Result<(), String> {
@@ -300,6 +427,9 @@ pub struct CertificateAuthority {
     not_after: SystemTime,
     /// The CA's subject, key identifier method and private key.
     issuer: Issuer<'static, KeyPair>,
+    /// The operator's root when this CA is an intermediate under it, `None` when the CA
+    /// is a self-signed root.
+    root: Option<CertificateDer<'static>>,
 }
 
 impl fmt::Debug for CertificateAuthority {
@@ -341,6 +471,75 @@ impl CertificateAuthority {
             cert: cert.der().clone(),
             not_after: whole_seconds(now + CA_VALIDITY),
             issuer: Issuer::new(params, key),
+            root: None,
+        })
+    }
+
+    /// Creates a new intermediate CA for `trust_domain` under the operator's root
+    /// (`root_cert_path`, `root_key_path`, both PEM) and writes it to `dir`, with a copy
+    /// of the root certificate as `root-cert.pem`. The root key is only read.
+    ///
+    /// The intermediate is valid for 10 years or until the root expires, whichever comes
+    /// first, and may sign only end-entity certificates. The root must allow a path
+    /// length of at least 1. Files are created as [`init`](Self::init) creates them.
+    pub fn init_intermediate(
+        dir: &Path,
+        trust_domain: &TrustDomain,
+        root_cert_path: &Path,
+        root_key_path: &Path,
+    ) -> Result<Self, Error> {
+        let invalid_root = |reason: String| Error::InvalidCaCertificate {
+            path: root_cert_path.to_owned(),
+            reason,
+        };
+        let root_pem = fs::read(root_cert_path).map_err(|source| Error::Read {
+            path: root_cert_path.to_owned(),
+            source,
+        })?;
+        let root = CertificateDer::from_pem_slice(&root_pem)
+            .map_err(|error| invalid_root(error.to_string()))?;
+        let root_not_after = {
+            let parsed = parse_certificate(&root).map_err(invalid_root)?;
+            system_time(parsed.validity().not_after.timestamp())
+        };
+        let root_key_pem = read_private_file(root_key_path)?;
+        let root_key = KeyPair::from_pem(&root_key_pem).map_err(|source| Error::InvalidCaKey {
+            path: root_key_path.to_owned(),
+            source,
+        })?;
+        let root_issuer = Issuer::from_ca_cert_der(&root, root_key)
+            .map_err(|error| invalid_root(error.to_string()))?;
+
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|source| Error::CreateDir {
+                path: dir.to_owned(),
+                source,
+            })?;
+        let key = generate_key_pair()?;
+        let now = SystemTime::now();
+        let mut params = ca_params(trust_domain, now)?;
+        let not_after = whole_seconds((now + CA_VALIDITY).min(root_not_after));
+        params.not_after = not_after.into();
+        let cert = params
+            .signed_by(&key, &root_issuer)
+            .map_err(|source| Error::SignCa {
+                trust_domain: trust_domain.clone(),
+                source,
+            })?;
+        write_new_ca_files(dir, cert.pem().as_bytes(), key.serialize_pem().as_bytes())?;
+        let root_copy = dir.join(ROOT_CERT_FILE);
+        let mut file = create_new_file(&root_copy, 0o644)?;
+        write_and_sync(&mut file, &root_copy, &root_pem)?;
+
+        Ok(Self {
+            trust_domain: trust_domain.clone(),
+            cert: cert.der().clone(),
+            not_after,
+            issuer: Issuer::new(params, key),
+            root: Some(root),
         })
     }
 
@@ -384,6 +583,7 @@ impl CertificateAuthority {
                 not_after: not_after.into(),
             });
         }
+        let root = read_root(dir, &parsed)?;
         let issuer = Issuer::from_ca_cert_der(&cert, key)
             .map_err(|error| invalid_cert(error.to_string()))?;
 
@@ -392,6 +592,7 @@ impl CertificateAuthority {
             cert,
             not_after,
             issuer,
+            root,
         })
     }
 
@@ -401,7 +602,23 @@ impl CertificateAuthority {
 
     /// Returns the trust bundle of the trust domain: the root certificate.
     pub fn trust_bundle(&self) -> Vec<CertificateDer<'static>> {
-        vec![self.cert.clone()]
+        vec![self.trust_anchor().clone()]
+    }
+
+    /// Returns the root that peers trust: the operator's root for an intermediate, the
+    /// CA's own certificate otherwise.
+    pub fn trust_anchor(&self) -> &CertificateDer<'static> {
+        self.root.as_ref().unwrap_or(&self.cert)
+    }
+
+    /// Returns the chain that a leaf signed by this CA is presented with: the leaf,
+    /// followed by this CA's certificate when it is an intermediate.
+    fn chain_of(&self, leaf: CertificateDer<'static>) -> Vec<CertificateDer<'static>> {
+        let mut chain = vec![leaf];
+        if self.root.is_some() {
+            chain.push(self.cert.clone());
+        }
+        chain
     }
 
     /// Issues an SVID for `id` that is valid from 60 seconds ago until `lifetime` from
@@ -449,31 +666,89 @@ impl CertificateAuthority {
         };
 
         let key = generate_key_pair()?;
-        let uri = id.to_string().try_into().map_err(sign_error)?;
         let serial = random_serial()?;
-        let mut params = CertificateParams::default();
-        // An SVID's subject is empty, so rcgen marks the URI SAN critical (RFC 5280 4.2.1.6).
-        params.distinguished_name = DistinguishedName::new();
-        params.subject_alt_names = vec![SanType::URI(uri)];
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        params.not_before = not_before.into();
-        params.not_after = not_after.into();
-        params.serial_number = Some(SerialNumber::from_slice(&serial));
-        params.use_authority_key_identifier_extension = true;
+        let params = leaf_params(
+            &id.to_string(),
+            LeafUsage::Workload,
+            not_before,
+            not_after,
+            &serial,
+        )
+        .map_err(sign_error)?;
         let cert = params.signed_by(&key, &self.issuer).map_err(sign_error)?;
 
         Ok(Svid {
             spiffe_id: id.clone(),
-            cert_chain: vec![cert.der().clone()],
+            cert_chain: self.chain_of(cert.der().clone()),
             key: PrivatePkcs8KeyDer::from(key.serialize_der()),
             not_after,
             serial: hex(&serial),
         })
+    }
+
+    /// Signs the public key of a verified CSR into a leaf certificate for `uri`, valid
+    /// from `not_before` to `not_after` (truncated to whole seconds and cut at the root's
+    /// end). Returns the chain without the root, leaf first.
+    ///
+    /// Only the CSR's public key is used: the URI SAN, key usages and validity come from
+    /// the arguments, so a CSR cannot ask for more than the caller checked.
+    pub fn sign_csr(
+        &self,
+        csr: &rcgen::CertificateSigningRequestParams,
+        uri: &str,
+        usage: LeafUsage,
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> Result<Vec<CertificateDer<'static>>, Error> {
+        let sign_error = |source| Error::SignCsr {
+            uri: uri.to_owned(),
+            source,
+        };
+        let not_before = whole_seconds(not_before);
+        let not_after = whole_seconds(not_after.min(self.not_after));
+        if not_before >= not_after {
+            return Err(Error::InvalidCertificate {
+                reason: format!("empty validity for {uri}: the CA root expires first"),
+            });
+        }
+        let serial = random_serial()?;
+        let params = leaf_params(uri, usage, not_before, not_after, &serial).map_err(sign_error)?;
+        let request = rcgen::CertificateSigningRequestParams {
+            params,
+            public_key: csr.public_key.clone(),
+        };
+        let cert = request.signed_by(&self.issuer).map_err(sign_error)?;
+        Ok(self.chain_of(cert.der().clone()))
+    }
+
+    /// Issues a leaf with a fresh key pair for `uri`, valid from 60 seconds ago for
+    /// `lifetime`: the CA service's own TLS certificate.
+    pub fn issue_leaf(
+        &self,
+        uri: &str,
+        usage: LeafUsage,
+        lifetime: Duration,
+    ) -> Result<(Vec<CertificateDer<'static>>, PrivatePkcs8KeyDer<'static>), Error> {
+        let sign_error = |source| Error::SignCsr {
+            uri: uri.to_owned(),
+            source,
+        };
+        let now = SystemTime::now();
+        let not_before = whole_seconds(now.checked_sub(CLOCK_SKEW).unwrap_or(now));
+        let not_after = whole_seconds((now + lifetime).min(self.not_after));
+        let key = generate_key_pair()?;
+        let serial = random_serial()?;
+        let params = leaf_params(uri, usage, not_before, not_after, &serial).map_err(sign_error)?;
+        let cert = params.signed_by(&key, &self.issuer).map_err(sign_error)?;
+        Ok((
+            self.chain_of(cert.der().clone()),
+            PrivatePkcs8KeyDer::from(key.serialize_der()),
+        ))
+    }
+
+    /// Returns the CA's own certificate, the root of the chains it signs.
+    pub fn certificate(&self) -> &CertificateDer<'static> {
+        &self.cert
     }
 
     /// Signs a certificate with arbitrary parameters and returns it with its private key,
@@ -518,25 +793,7 @@ impl fmt::Debug for Svid {
 ///
 /// Only parses the certificate: the caller verifies its signature and validity.
 pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<SpiffeId, Error> {
-    let parsed = parse_certificate(cert).map_err(|reason| Error::InvalidCertificate { reason })?;
-    let san = parsed
-        .subject_alternative_name()
-        .map_err(|error| Error::InvalidCertificate {
-            reason: format!("subject alternative name: {error}"),
-        })?;
-    let uris: Vec<&str> = san
-        .iter()
-        .flat_map(|san| san.value.general_names.iter())
-        .filter_map(|name| match name {
-            GeneralName::URI(uri) => Some(*uri),
-            _ => None,
-        })
-        .collect();
-    match uris.as_slice() {
-        [] => Err(Error::MissingSpiffeId),
-        [uri] => uri.parse(),
-        _ => Err(Error::MultipleUriSans { count: uris.len() }),
-    }
+    uri_san_of(cert)?.parse()
 }
 
 fn parse_certificate<'a>(cert: &'a CertificateDer<'_>) -> Result<X509Certificate<'a>, String> {
@@ -570,6 +827,113 @@ fn ca_trust_domain(cert: &X509Certificate<'_>) -> Result<TrustDomain, String> {
         .ok_or_else(|| format!("URI SAN {uri:?} is not a SPIFFE ID"))?
         .parse()
         .map_err(|error: Error| error.to_string())
+}
+
+/// Builds the parameters of an end-entity certificate whose only SAN is the URI `uri`,
+/// with key usage digitalSignature, the extended key usages of `usage` and `serial`.
+fn leaf_params(
+    uri: &str,
+    usage: LeafUsage,
+    not_before: SystemTime,
+    not_after: SystemTime,
+    serial: &[u8],
+) -> Result<CertificateParams, rcgen::Error> {
+    let mut params = CertificateParams::default();
+    // An SVID's subject is empty, so rcgen marks the URI SAN critical (RFC 5280 4.2.1.6).
+    params.distinguished_name = DistinguishedName::new();
+    params.subject_alt_names = vec![SanType::URI(uri.try_into()?)];
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = usage.extended_key_usages();
+    params.not_before = not_before.into();
+    params.not_after = not_after.into();
+    params.serial_number = Some(SerialNumber::from_slice(serial));
+    params.use_authority_key_identifier_extension = true;
+    Ok(params)
+}
+
+/// Generates a P-256 key pair and a CSR whose only SAN is the URI `uri`. Returns the
+/// CSR in PEM and the private key, which the caller keeps in memory.
+pub fn generate_csr(uri: &str) -> Result<(String, PrivatePkcs8KeyDer<'static>), Error> {
+    let csr_error = |source| Error::BuildCsr {
+        uri: uri.to_owned(),
+        source,
+    };
+    let key = generate_key_pair()?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params.subject_alt_names = vec![SanType::URI(uri.try_into().map_err(csr_error)?)];
+    let csr = params.serialize_request(&key).map_err(csr_error)?;
+    let pem = csr.pem().map_err(csr_error)?;
+    Ok((pem, PrivatePkcs8KeyDer::from(key.serialize_der())))
+}
+
+/// Reads `root-cert.pem` of a CA directory, if there is one, and checks that it signed
+/// the CA certificate `ca`.
+fn read_root(
+    dir: &Path,
+    ca: &X509Certificate<'_>,
+) -> Result<Option<CertificateDer<'static>>, Error> {
+    let path = dir.join(ROOT_CERT_FILE);
+    let pem = match fs::read(&path) {
+        Ok(pem) => pem,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(Error::Read { path, source }),
+    };
+    let invalid = |reason: String| Error::InvalidCaCertificate {
+        path: path.clone(),
+        reason,
+    };
+    let root = CertificateDer::from_pem_slice(&pem).map_err(|error| invalid(error.to_string()))?;
+    let parsed = parse_certificate(&root).map_err(invalid)?;
+    ca.verify_signature(Some(parsed.public_key()))
+        .map_err(|_| invalid(format!("did not sign {CA_CERT_FILE}")))?;
+    Ok(Some(root))
+}
+
+/// Returns the single URI SAN of a certificate.
+pub fn uri_san_of(cert: &CertificateDer<'_>) -> Result<String, Error> {
+    let parsed = parse_certificate(cert).map_err(|reason| Error::InvalidCertificate { reason })?;
+    let san = parsed
+        .subject_alternative_name()
+        .map_err(|error| Error::InvalidCertificate {
+            reason: format!("subject alternative name: {error}"),
+        })?;
+    let uris: Vec<&str> = san
+        .iter()
+        .flat_map(|san| san.value.general_names.iter())
+        .filter_map(|name| match name {
+            GeneralName::URI(uri) => Some(*uri),
+            _ => None,
+        })
+        .collect();
+    match uris.as_slice() {
+        [] => Err(Error::MissingSpiffeId),
+        [uri] => Ok((*uri).to_owned()),
+        _ => Err(Error::MultipleUriSans { count: uris.len() }),
+    }
+}
+
+/// Returns the validity period of a certificate as (not_before, not_after).
+pub fn validity_of(cert: &CertificateDer<'_>) -> Result<(SystemTime, SystemTime), Error> {
+    let parsed = parse_certificate(cert).map_err(|reason| Error::InvalidCertificate { reason })?;
+    Ok((
+        system_time(parsed.validity().not_before.timestamp()),
+        system_time(parsed.validity().not_after.timestamp()),
+    ))
+}
+
+/// Returns the serial number of a certificate in lowercase hex.
+pub fn serial_of(cert: &CertificateDer<'_>) -> Result<String, Error> {
+    let parsed = parse_certificate(cert).map_err(|reason| Error::InvalidCertificate { reason })?;
+    Ok(hex(parsed.raw_serial()))
+}
+
+/// Reads the trust domain of a root certificate from its `spiffe://<trust-domain>` URI
+/// SAN.
+pub fn trust_domain_of_root(cert: &CertificateDer<'_>) -> Result<TrustDomain, Error> {
+    let parsed = parse_certificate(cert).map_err(|reason| Error::InvalidCertificate { reason })?;
+    ca_trust_domain(&parsed).map_err(|reason| Error::InvalidCertificate { reason })
 }
 
 /// Builds the parameters of a self-signed root for `trust_domain` that is valid for
@@ -921,6 +1285,62 @@ mod tests {
             algorithms,
         )
         .expect("the SVID chains to the root written by init");
+    }
+
+    #[test]
+    fn intermediate_chains_to_operator_root() {
+        let operator = test_ca("intermediate-root", "td.test");
+        let operator_dir = operator.dir.path().join("ca");
+        let dir = TestDir::new("intermediate");
+        let ca_dir = dir.path().join("ca");
+        let intermediate = CertificateAuthority::init_intermediate(
+            &ca_dir,
+            operator.ca.trust_domain(),
+            &operator_dir.join(CA_CERT_FILE),
+            &operator_dir.join(CA_KEY_FILE),
+        )
+        .expect("create an intermediate");
+        assert_eq!(intermediate.trust_bundle(), operator.ca.trust_bundle());
+
+        let loaded = CertificateAuthority::load(&ca_dir).expect("load the intermediate");
+        assert_eq!(loaded.trust_bundle(), operator.ca.trust_bundle());
+        let id = workload_id(loaded.trust_domain(), "web");
+        let svid = loaded
+            .issue(&id, Duration::from_secs(3600))
+            .expect("issue an SVID from the intermediate");
+        assert_eq!(svid.cert_chain.len(), 2, "leaf and intermediate");
+
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(operator.ca.trust_bundle()[0].clone())
+            .expect("add the operator's root");
+        let leaf = rustls::server::ParsedCertificate::try_from(&svid.cert_chain[0])
+            .expect("parse the SVID");
+        #[allow(deprecated)]
+        let algorithms = rustls::crypto::ring::default_provider()
+            .signature_verification_algorithms
+            .all;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &leaf,
+            &roots,
+            &svid.cert_chain[1..],
+            rustls::pki_types::UnixTime::now(),
+            algorithms,
+        )
+        .expect("the SVID chains to the operator's root through the intermediate");
+
+        // A root that did not sign the intermediate is rejected at load.
+        let other = test_ca("intermediate-other", "td.test");
+        fs::copy(
+            other.dir.path().join("ca").join(CA_CERT_FILE),
+            ca_dir.join(ROOT_CERT_FILE),
+        )
+        .expect("replace the root");
+        let result = CertificateAuthority::load(&ca_dir);
+        assert!(
+            matches!(result, Err(Error::InvalidCaCertificate { .. })),
+            "load returned {result:?}"
+        );
     }
 
     #[test]

@@ -2,10 +2,12 @@
 //! binary wires them to its command line; the end-to-end tests use some directly.
 
 pub mod admin;
+pub mod ca;
 pub mod config;
 pub mod daemon;
 pub mod ebpf;
 pub mod identity;
+pub mod identity_manager;
 pub mod inbound;
 pub mod ktls;
 pub mod netns;

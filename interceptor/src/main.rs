@@ -4,13 +4,15 @@
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use tokio::runtime::Runtime;
 use tracing_subscriber::EnvFilter;
 
-use interceptor::config::RunConfig;
+use interceptor::ca::{self, ServeConfig};
+use interceptor::config::{parse_duration, RunConfig};
 use interceptor::sidecar::{self, SidecarConfig};
 use interceptor::{daemon, ebpf, identity, netns};
 
@@ -53,7 +55,8 @@ enum Command {
 
 #[derive(Subcommand, Debug)]
 enum CaCommand {
-    /// Create a new root CA (P-256 key, mode 0600) in a directory.
+    /// Create a new CA (P-256 key, mode 0600) in a directory: a self-signed root, or an
+    /// intermediate under an operator's root with `--root-cert` and `--root-key`.
     Init {
         /// Directory to write `ca-cert.pem` and `ca-key.pem` to; created if missing.
         #[arg(long, env = "INTERCEPTOR_CA_DIR")]
@@ -61,6 +64,60 @@ enum CaCommand {
         /// Trust domain whose workload identities the CA signs, e.g. `cluster.local`.
         #[arg(long)]
         trust_domain: String,
+        /// The operator's root certificate (PEM) to create an intermediate under; it is
+        /// copied to `root-cert.pem` and becomes the published trust bundle.
+        #[arg(long, requires = "root_key")]
+        root_cert: Option<PathBuf>,
+        /// The operator's root key (PEM, mode 0600), only read to sign the intermediate.
+        #[arg(long, requires = "root_cert")]
+        root_key: Option<PathBuf>,
+    },
+    /// Run the CA service: sign CSRs of node daemons over TLS (port 15012 by default).
+    Serve(ServeConfig),
+    /// Create a one-time join token for a node and print it; only its hash is stored.
+    Token {
+        /// CA directory.
+        #[arg(long, env = "INTERCEPTOR_CA_DIR")]
+        dir: PathBuf,
+        /// Name of the node, as in the workload directory.
+        #[arg(long)]
+        node: String,
+        /// How long the token stays valid if unused, e.g. `1h`.
+        #[arg(long, default_value = "1h", value_parser = parse_duration)]
+        ttl: Duration,
+    },
+    /// Print the trust bundle that the CA publishes (PEM), the signing root first.
+    Bundle {
+        /// CA directory.
+        #[arg(long, env = "INTERCEPTOR_CA_DIR")]
+        dir: PathBuf,
+    },
+    /// Rotate the root CA in three steps (see docs/ca-rotation.md).
+    Rotate {
+        #[command(subcommand)]
+        step: RotateStep,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum RotateStep {
+    /// Create the next root and publish it next to the current one.
+    Prepare {
+        /// CA directory.
+        #[arg(long, env = "INTERCEPTOR_CA_DIR")]
+        dir: PathBuf,
+    },
+    /// Sign with the next root from now on; keep publishing the old one.
+    Activate {
+        /// CA directory.
+        #[arg(long, env = "INTERCEPTOR_CA_DIR")]
+        dir: PathBuf,
+    },
+    /// Stop publishing every root but the signing one.
+    Finish {
+        /// CA directory.
+        #[arg(long, env = "INTERCEPTOR_CA_DIR")]
+        dir: PathBuf,
     },
 }
 
@@ -97,17 +154,7 @@ fn execute(command: Command) -> anyhow::Result<()> {
             runtime.block_on(sidecar::run(config))?;
             Ok(())
         }
-        Command::Ca {
-            command: CaCommand::Init { dir, trust_domain },
-        } => {
-            let trust_domain = trust_domain
-                .parse::<identity::TrustDomain>()
-                .context("invalid --trust-domain")?;
-            identity::CertificateAuthority::init(&dir, &trust_domain)
-                .with_context(|| format!("creating a CA in {}", dir.display()))?;
-            tracing::info!(dir = %dir.display(), %trust_domain, "created CA");
-            Ok(())
-        }
+        Command::Ca { command } => execute_ca(command),
         Command::Uninstall { node, bpffs } => {
             if ebpf::uninstall(&bpffs, &node)? {
                 tracing::info!(%node, "removed the node's pinned programs and maps");
@@ -117,6 +164,69 @@ fn execute(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn execute_ca(command: CaCommand) -> anyhow::Result<()> {
+    match command {
+        CaCommand::Init {
+            dir,
+            trust_domain,
+            root_cert,
+            root_key,
+        } => {
+            let trust_domain = trust_domain
+                .parse::<identity::TrustDomain>()
+                .context("invalid --trust-domain")?;
+            match (root_cert, root_key) {
+                (Some(root_cert), Some(root_key)) => {
+                    identity::CertificateAuthority::init_intermediate(
+                        &dir,
+                        &trust_domain,
+                        &root_cert,
+                        &root_key,
+                    )
+                    .with_context(|| format!("creating an intermediate CA in {}", dir.display()))?;
+                    tracing::info!(dir = %dir.display(), %trust_domain, root = %root_cert.display(), "created an intermediate CA");
+                }
+                _ => {
+                    identity::CertificateAuthority::init(&dir, &trust_domain)
+                        .with_context(|| format!("creating a CA in {}", dir.display()))?;
+                    tracing::info!(dir = %dir.display(), %trust_domain, "created CA");
+                }
+            }
+        }
+        CaCommand::Serve(config) => {
+            check_flags(config.validate())?;
+            let runtime = runtime(config.netns.as_deref(), config.worker_threads)?;
+            runtime.block_on(ca::serve(config))?;
+        }
+        CaCommand::Token { dir, node, ttl } => {
+            let loaded = ca::store::load(&dir)?;
+            let token = ca::tokens::create(&dir, loaded.ca.trust_domain(), &node, ttl)
+                .with_context(|| format!("creating a join token for node {node}"))?;
+            tracing::info!(%node, valid_for = ?ttl, "created a one-time join token");
+            println!("{token}");
+        }
+        CaCommand::Bundle { dir } => {
+            let loaded = ca::store::load(&dir)?;
+            print!("{}", ca::store::to_pem(&loaded.bundle));
+        }
+        CaCommand::Rotate { step } => match step {
+            RotateStep::Prepare { dir } => {
+                let next = ca::store::prepare_rotation(&dir)?;
+                tracing::info!(next = %next.display(), "prepared the next root and published it; wait at least one --bundle-refresh of the daemons, then run `interceptor ca rotate activate`");
+            }
+            RotateStep::Activate { dir } => {
+                ca::store::activate_rotation(&dir)?;
+                tracing::info!("the next root signs from now on and the old root stays published; wait at least the longest SVID lifetime plus one --bundle-refresh, then run `interceptor ca rotate finish`");
+            }
+            RotateStep::Finish { dir } => {
+                ca::store::finish_rotation(&dir)?;
+                tracing::info!("only the signing root is published now; daemons drop the old root at their next bundle refresh");
+            }
+        },
+    }
+    Ok(())
 }
 
 fn check_flags(validated: Result<(), Vec<String>>) -> anyhow::Result<()> {

@@ -1,11 +1,14 @@
-//! The rustls configurations of the tunnel between node daemons.
+//! The rustls configurations of the tunnel between node daemons, and of the calls from
+//! node daemons to the CA service.
 //!
 //! Both ends run TLS 1.3 only, with the ring provider, and authenticate each other with
 //! SVIDs. A peer is accepted only if its leaf chains to the trust bundle and carries a
 //! workload SPIFFE ID of the local trust domain. Which SPIFFE ID to expect at a
 //! destination is the caller's check, after the handshake, with [`peer_spiffe_id`].
 //! Session resumption and 0-RTT are off, so every connection runs a full handshake and
-//! verifies the peer's current certificate.
+//! verifies the peer's current certificate. A configuration is immutable: a renewed SVID
+//! or a refreshed trust bundle takes effect by building new configurations, which new
+//! handshakes use while open connections keep theirs.
 
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -53,6 +56,13 @@ pub enum Error {
         #[source]
         source: Box<rustls::Error>,
     },
+    #[error("building the CA service's TLS configuration failed")]
+    CaConfig {
+        #[source]
+        source: Box<rustls::Error>,
+    },
+    #[error("the CA service presented {actual}, expected {expected}")]
+    NotCaService { expected: String, actual: String },
     #[error("peer presented no certificate")]
     MissingPeerCertificate,
     #[error("invalid peer certificate")]
@@ -257,6 +267,73 @@ pub fn client_config_with(
     Ok(Arc::new(config))
 }
 
+/// ALPN protocol of the CA service: gRPC runs over HTTP/2.
+const CA_ALPN_PROTOCOL: &[u8] = b"h2";
+
+/// Builds the configuration of the CA service's TLS server, which presents `chain` and
+/// `key`.
+///
+/// A client may present a certificate that chains to `trust_bundle` with the
+/// clientAuth usage, or none: node attestation runs before the node has a certificate,
+/// and the service itself requires a node SVID for every other signing request.
+pub fn ca_server_config(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    trust_bundle: &[CertificateDer<'static>],
+) -> Result<Arc<ServerConfig>, Error> {
+    let provider = crypto_provider();
+    let config_error = |source| Error::CaConfig {
+        source: Box::new(source),
+    };
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(root_store(trust_bundle)?, provider.clone())
+            .allow_unauthenticated()
+            .build()
+            .map_err(|source| Error::ClientVerifier { source })?;
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(config_error)?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(config_error)?;
+    config.alpn_protocols = vec![CA_ALPN_PROTOCOL.to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Builds the configuration with which a node daemon calls the CA service.
+///
+/// The server must present a certificate that chains to `trust_bundle` and carries
+/// exactly the URI SAN `spiffe://<trust-domain>/ca`. The client presents `client` (the
+/// node SVID's chain and key) when given, and nothing before node attestation.
+pub fn ca_client_config(
+    trust_bundle: &[CertificateDer<'static>],
+    trust_domain: &TrustDomain,
+    client: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+) -> Result<Arc<ClientConfig>, Error> {
+    let provider = crypto_provider();
+    let config_error = |source| Error::CaConfig {
+        source: Box::new(source),
+    };
+    let verifier = Arc::new(CaServiceVerifier {
+        roots: root_store(trust_bundle)?,
+        algorithms: provider.signature_verification_algorithms,
+        expected: identity::ca_service_id(trust_domain),
+    });
+    let builder = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(config_error)?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier);
+    let mut config = match client {
+        Some((chain, key)) => builder
+            .with_client_auth_cert(chain, key)
+            .map_err(config_error)?,
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![CA_ALPN_PROTOCOL.to_vec()];
+    Ok(Arc::new(config))
+}
+
 /// Returns the SPIFFE ID of the peer's leaf certificate on a connection whose handshake
 /// has completed.
 ///
@@ -388,6 +465,69 @@ impl ServerCertVerifier for SpiffeServerVerifier {
             self.algorithms.all,
         )?;
         check_peer_trust_domain(end_entity, &self.trust_domain)?;
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+/// Server certificate verifier of a node daemon's CA client: chain, validity and
+/// serverAuth checks against the trust bundle, then the exact URI SAN of the CA service.
+#[derive(Debug)]
+struct CaServiceVerifier {
+    roots: Arc<RootCertStore>,
+    algorithms: WebPkiSupportedAlgorithms,
+    expected: String,
+}
+
+impl ServerCertVerifier for CaServiceVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let cert = ParsedCertificate::try_from(end_entity)?;
+        verify_server_cert_signed_by_trust_anchor(
+            &cert,
+            &self.roots,
+            intermediates,
+            now,
+            self.algorithms.all,
+        )?;
+        let rejected = |error: Error| {
+            rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(error))))
+        };
+        let uri = identity::uri_san_of(end_entity)
+            .map_err(|source| rejected(Error::PeerCertificate { source }))?;
+        if uri != self.expected {
+            return Err(rejected(Error::NotCaService {
+                expected: self.expected.clone(),
+                actual: uri,
+            }));
+        }
         Ok(ServerCertVerified::assertion())
     }
 
@@ -832,6 +972,14 @@ mod tests {
                 now - Duration::from_secs(3600),
             )
             .expect("issue an expired SVID");
+        let not_yet_valid = ours
+            .ca
+            .issue_with_validity(
+                &workload_id(ours.ca.trust_domain(), service_account),
+                now + Duration::from_secs(3600),
+                now + Duration::from_secs(7200),
+            )
+            .expect("issue a not yet valid SVID");
         let no_uri = svid_from_params(&ours, &leaf_params(no_uri_sans));
 
         let cases: Vec<RejectionCase> = vec![
@@ -856,6 +1004,12 @@ mod tests {
                 matches!(
                     error,
                     CertificateError::Expired | CertificateError::ExpiredContext { .. }
+                )
+            }),
+            ("not yet valid certificate", not_yet_valid, |error| {
+                matches!(
+                    error,
+                    CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. }
                 )
             }),
             ("no URI SAN", no_uri, |error| {

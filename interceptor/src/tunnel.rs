@@ -22,7 +22,7 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use interceptor_common::ConnKey;
 use rustls::pki_types::ServerName;
@@ -62,6 +62,11 @@ pub enum Error {
     },
     #[error("connecting to {addr} timed out")]
     ConnectTimeout { addr: SocketAddr },
+    #[error("the workload's SVID (serial {serial}) expired at {not_after:?} and could not be renewed: check that the CA service is reachable")]
+    SvidExpired {
+        serial: String,
+        not_after: SystemTime,
+    },
     #[error("TLS handshake with {addr} failed")]
     Handshake {
         addr: SocketAddr,
@@ -103,6 +108,9 @@ pub struct TlsConfigs {
     pub server: Arc<rustls::ServerConfig>,
     /// Serial of the SVID behind both, for logs.
     pub serial: String,
+    /// End of the SVID's validity. Past it, new outbound tunnels fail at once, because
+    /// every peer would reject the certificate.
+    pub not_after: SystemTime,
 }
 
 /// A workload of this node, with the resources the daemon holds for it.
@@ -444,10 +452,17 @@ async fn outbound_inner(
     let expected = target.spiffe_id.clone();
     let tunnel_addr = SocketAddr::new(IpAddr::V4(*dst.ip()), shared.config.tunnel_port);
     let timeout = shared.config.handshake_timeout;
+    let tls_configs = local.tls();
+    if tls_configs.not_after <= SystemTime::now() {
+        return Err(Error::SvidExpired {
+            serial: tls_configs.serial.clone(),
+            not_after: tls_configs.not_after,
+        });
+    }
     let (tunnel, tunnel_socket) = tokio::time::timeout(timeout, async {
         let stream = connect_from(local, tunnel_addr).await?;
         let socket = SharedTcp::new(stream);
-        let connector = TlsConnector::from(Arc::clone(&local.tls().client));
+        let connector = TlsConnector::from(Arc::clone(&tls_configs.client));
         let server_name = ServerName::IpAddress(IpAddr::V4(*dst.ip()).into());
         let ulp = prepare_offload(shared, &socket);
         let io = RecordBoundedIo::new(socket.clone(), ulp, Arc::clone(&shared.pool));

@@ -1,10 +1,13 @@
-//! A running mesh on an [`Island`]: the workload directory, a CA, one `interceptor run`
-//! daemon per node, and helpers that run `mesh-peer` apps inside pods.
+//! A running mesh on an [`Island`]: the workload directory, the CA service in the
+//! island's CA namespace, one `interceptor run` daemon per node, and helpers that run
+//! `mesh-peer` apps inside pods.
 //!
 //! Daemons run from the root namespace with `--netns <node netns>`, so they keep the
 //! machine's mount namespace (cgroup2 and bpffs stay visible) and live in the caller's
-//! cgroup, outside every node's cgroup subtree. Each daemon's log goes to
-//! `<work dir>/<node>.log`.
+//! cgroup, outside every node's cgroup subtree. Each daemon attests its node with a
+//! one-time join token at its first start and keeps its node SVID in
+//! `<work dir>/<node>-state`. Each daemon's log goes to `<work dir>/<node>.log`, the CA
+//! service's to `<work dir>/ca.log`.
 
 use std::fs::File;
 use std::io;
@@ -73,6 +76,9 @@ pub fn mesh_peer_bin() -> PathBuf {
     target_dir().join("mesh-peer")
 }
 
+/// Port of the CA service.
+pub const CA_PORT: u16 = 15012;
+
 /// A daemon process of one node.
 #[derive(Debug)]
 struct Daemon {
@@ -88,6 +94,16 @@ pub struct Mesh {
     node_netns: Vec<PathBuf>,
     daemons: Vec<Option<Daemon>>,
     daemon_args: Vec<String>,
+    ca: CaService,
+}
+
+/// The CA service process and where it runs.
+#[derive(Debug)]
+struct CaService {
+    netns: PathBuf,
+    addr: std::net::SocketAddr,
+    child: Option<Child>,
+    args: Vec<String>,
 }
 
 impl Mesh {
@@ -117,7 +133,21 @@ impl Mesh {
         extras: &DirectoryExtras,
         daemon_args: &[&str],
     ) -> io::Result<Mesh> {
+        Self::start_with_ca_args(island, work_dir, enrolled, extras, daemon_args, &[])
+    }
+
+    /// Starts the mesh as [`Mesh::start_with`] does, with `ca_args` added to
+    /// `interceptor ca serve`.
+    pub fn start_with_ca_args(
+        island: &Island,
+        work_dir: &Path,
+        enrolled: &[&Pod],
+        extras: &DirectoryExtras,
+        daemon_args: &[&str],
+        ca_args: &[&str],
+    ) -> io::Result<Mesh> {
         prepare_work_dir(island, work_dir, enrolled, extras)?;
+        let ca_host = island.ca_host();
         let mut mesh = Mesh {
             work_dir: work_dir.to_owned(),
             nodes: island.nodes().iter().map(|n| n.name.clone()).collect(),
@@ -128,11 +158,127 @@ impl Mesh {
                 .collect(),
             daemons: island.nodes().iter().map(|_| None).collect(),
             daemon_args: daemon_args.iter().map(|a| a.to_string()).collect(),
+            ca: CaService {
+                netns: ca_host.netns_path,
+                addr: std::net::SocketAddr::from((ca_host.ip, CA_PORT)),
+                child: None,
+                args: ca_args.iter().map(|a| a.to_string()).collect(),
+            },
         };
+        mesh.start_ca()?;
         for index in 0..mesh.nodes.len() {
+            let node = mesh.nodes[index].clone();
+            let token = mesh.ca_command(&["token", "--node", &node])?;
+            write_private(&mesh.token_path(index + 1), token.trim().as_bytes())?;
             mesh.start_daemon(index + 1)?;
         }
         Ok(mesh)
+    }
+
+    /// Address of the CA service.
+    pub fn ca_addr(&self) -> std::net::SocketAddr {
+        self.ca.addr
+    }
+
+    /// Directory of the CA (keys, bundle, join tokens).
+    pub fn ca_dir(&self) -> PathBuf {
+        self.work_dir.join("ca")
+    }
+
+    /// Returns the root that daemons trust before their first bundle fetch: the
+    /// operator's root when the CA is an intermediate, else the CA's own certificate.
+    fn bootstrap_bundle(&self) -> PathBuf {
+        let root = self.ca_dir().join("root-cert.pem");
+        if root.exists() {
+            root
+        } else {
+            self.ca_dir().join("ca-cert.pem")
+        }
+    }
+
+    /// Returns the CA service's log so far.
+    pub fn ca_log(&self) -> String {
+        std::fs::read_to_string(self.work_dir.join("ca.log")).unwrap_or_default()
+    }
+
+    /// Path of node `node_index`'s join token file, which its daemon read at its first
+    /// start.
+    pub fn token_path(&self, node_index: usize) -> PathBuf {
+        self.work_dir
+            .join(format!("{}.token", self.nodes[node_index - 1]))
+    }
+
+    /// Directory of node `node_index`'s node key, node SVID and trust bundle.
+    pub fn state_dir(&self, node_index: usize) -> PathBuf {
+        self.work_dir
+            .join(format!("{}-state", self.nodes[node_index - 1]))
+    }
+
+    /// Runs `interceptor ca ARGS --dir <CA dir>` and returns its stdout, or an error
+    /// with its stderr when it fails.
+    pub fn ca_command(&self, args: &[&str]) -> io::Result<String> {
+        let output = Command::new(interceptor_bin())
+            .arg("ca")
+            .args(args)
+            .arg("--dir")
+            .arg(self.ca_dir())
+            .env("NO_COLOR", "1")
+            .output()?;
+        if !output.status.success() {
+            return Err(io::Error::other(format!(
+                "interceptor ca {} failed with {}: {}",
+                args.join(" "),
+                output.status,
+                String::from_utf8_lossy(&output.stderr)
+            )));
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
+    /// Starts the CA service in the island's CA namespace, appending to its log, and
+    /// waits for its "CA service started" line.
+    pub fn start_ca(&mut self) -> io::Result<()> {
+        let log_path = self.work_dir.join("ca.log");
+        let log = File::options().create(true).append(true).open(&log_path)?;
+        let already = std::fs::read_to_string(&log_path)?
+            .matches("CA service started")
+            .count();
+        let mut command = Command::new(interceptor_bin());
+        command
+            .args(["ca", "serve", "--dir"])
+            .arg(self.ca_dir())
+            .arg("--config")
+            .arg(self.work_dir.join("mesh.toml"))
+            .args(["--listen", &self.ca.addr.to_string()])
+            .arg("--netns")
+            .arg(&self.ca.netns)
+            .args(&self.ca.args)
+            .env(
+                "INTERCEPTOR_LOG",
+                std::env::var("INTERCEPTOR_LOG").unwrap_or_else(|_| "info".to_owned()),
+            )
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        let child = command.spawn()?;
+        let child = wait_for_line(
+            child,
+            &log_path,
+            "CA service started",
+            already,
+            "CA service",
+        )?;
+        self.ca.child = Some(child);
+        Ok(())
+    }
+
+    /// Stops the CA service with SIGTERM and waits for it to exit.
+    pub fn stop_ca(&mut self) -> io::Result<()> {
+        if let Some(mut child) = self.ca.child.take() {
+            terminate(&mut child)?;
+        }
+        Ok(())
     }
 
     /// Returns the process ids of the running daemons, for memory and CPU measurements.
@@ -184,8 +330,13 @@ impl Mesh {
             .arg("--config")
             .arg(self.work_dir.join("mesh.toml"))
             .args(["--node", &self.nodes[slot]])
-            .arg("--ca-dir")
-            .arg(self.work_dir.join("ca"))
+            .args(["--ca-addr", &self.ca.addr.to_string()])
+            .arg("--ca-trust-bundle")
+            .arg(self.bootstrap_bundle())
+            .arg("--join-token-file")
+            .arg(self.token_path(node_index))
+            .arg("--state-dir")
+            .arg(self.state_dir(node_index))
             .arg("--netns")
             .arg(&self.node_netns[slot])
             .args(&self.daemon_args)
@@ -309,6 +460,9 @@ impl Drop for Mesh {
                 eprintln!("stopping a daemon failed: {err}");
             }
         }
+        if let Err(err) = self.stop_ca() {
+            eprintln!("stopping the CA service failed: {err}");
+        }
         for index in 0..self.nodes.len() {
             if let Err(err) = self.uninstall(index + 1) {
                 eprintln!(
@@ -349,6 +503,53 @@ pub(crate) fn prepare_work_dir(
         }
     }
     Ok(())
+}
+
+/// Waits until `log_path` contains `line` more than `already` times, or fails with the
+/// log's tail when `child` (named `process_name`) exits or the start timeout passes.
+fn wait_for_line(
+    mut child: Child,
+    log_path: &Path,
+    line: &str,
+    already: usize,
+    process_name: &str,
+) -> io::Result<Child> {
+    let start_timeout = scaled(START_TIMEOUT);
+    let deadline = Instant::now() + start_timeout;
+    loop {
+        let text = std::fs::read_to_string(log_path)?;
+        if text.matches(line).count() > already {
+            return Ok(child);
+        }
+        if let Some(status) = child.try_wait()? {
+            return Err(io::Error::other(format!(
+                "{process_name} exited with {status} before it started; log:\n{}",
+                tail(&text, 40)
+            )));
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(io::Error::other(format!(
+                "{process_name} did not start within {start_timeout:?}; log:\n{}",
+                tail(&text, 40)
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Writes `contents` to a new file at `path` with mode 0600.
+fn write_private(path: &Path, contents: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::remove_file(path);
+    let mut file = File::options()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(contents)
 }
 
 /// Sends SIGTERM, waits up to 5 s, then kills.

@@ -30,6 +30,9 @@ const MAX_PODS_PER_NODE: usize = 9;
 /// namespace name.
 const MAX_PREFIX_LEN: usize = 8;
 
+/// Last octet of the CA service's address `10.K.0.100`, above every node's.
+const CA_HOST_OCTET: u8 = 100;
+
 /// Finds the mount point of the cgroup v2 hierarchy in `/proc/self/mountinfo`.
 ///
 /// It is `/sys/fs/cgroup` on most machines but `/sys/fs/cgroup/unified` on hybrid
@@ -166,6 +169,16 @@ impl IslandSpec {
         }
     }
 
+    /// Computes the CA host of the island. Call only on a valid spec.
+    pub(crate) fn ca_host(&self) -> CaHost {
+        let name = format!("{}-ca", self.prefix);
+        CaHost {
+            netns_path: Path::new(NETNS_DIR).join(&name),
+            ip: Ipv4Addr::new(10, self.subnet, 0, CA_HOST_OCTET),
+            name,
+        }
+    }
+
     fn pod(&self, node_index: usize, index: usize) -> Pod {
         let node = format!("{}-n{node_index}", self.prefix);
         let short_name = format!("p{index}");
@@ -199,6 +212,18 @@ pub struct Node {
     pub wire_ip: Ipv4Addr,
     /// Address of the node's `pods` bridge and the pods' gateway, `10.K.<i>.1`.
     pub pod_gateway_ip: Ipv4Addr,
+}
+
+/// The host of the CA service: a network namespace on the switch, reached by every node
+/// on the switch's subnet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaHost {
+    /// `P-ca`: the netns name.
+    pub name: String,
+    /// Bind mount of the netns, `/run/netns/P-ca`.
+    pub netns_path: PathBuf,
+    /// Address of its `wire` interface on the switch, `10.K.0.100`.
+    pub ip: Ipv4Addr,
 }
 
 /// A pod of an island: a network namespace behind its node with its own cgroup.
@@ -275,6 +300,11 @@ impl Island {
 
     pub fn pods(&self) -> &[Pod] {
         &self.pods
+    }
+
+    /// Returns the host of the CA service.
+    pub fn ca_host(&self) -> CaHost {
+        self.spec.ca_host()
     }
 
     /// Returns node `node_index`, starting at 1.
@@ -383,6 +413,15 @@ mod tests {
         assert_eq!(second.cgroup, Path::new("interceptor/tst-n2"));
         assert_eq!(second.wire_ip, Ipv4Addr::new(10, 203, 0, 2));
         assert_eq!(second.pod_gateway_ip, Ipv4Addr::new(10, 203, 2, 1));
+    }
+
+    #[test]
+    fn ca_host_name_and_address() {
+        let ca = spec().ca_host();
+
+        assert_eq!(ca.name, "tst-ca");
+        assert_eq!(ca.netns_path, Path::new("/run/netns/tst-ca"));
+        assert_eq!(ca.ip, Ipv4Addr::new(10, 203, 0, 100));
     }
 
     #[test]

@@ -8,7 +8,8 @@
 //! mesh-peer echo LISTEN_ADDR
 //! mesh-peer banner LISTEN_ADDR TEXT
 //! mesh-peer reset LISTEN_ADDR
-//! mesh-peer client CONNECT_ADDR --bytes N [--expect-banner TEXT] [--no-half-close] [--repeat K]
+//! mesh-peer client CONNECT_ADDR --bytes N [--expect-banner TEXT] [--no-half-close] [--repeat K | --for-seconds S]
+//! mesh-peer stream CONNECT_ADDR --seconds S
 //! mesh-peer connect-only CONNECT_ADDR
 //! mesh-peer hold CONNECT_ADDR
 //! ```
@@ -26,6 +27,11 @@
 //!   reading after N bytes. Writing and reading run at the same time, so a large N
 //!   cannot deadlock on full socket buffers. `--repeat K` runs K such connections one
 //!   after another and reports the totals, stopping at the first failure.
+//!   `--for-seconds S` instead runs connections one after another until S seconds have
+//!   passed (at least one), and adds `connections=C` to the result line.
+//! - `stream` keeps one connection open for S seconds and exchanges a 1 KiB chunk with
+//!   the echo server every 20 ms, checking each echo. Each round has its own 10 s
+//!   deadline.
 //! - `connect-only` connects and closes, to check whether a connection is possible.
 //! - `hold` connects, then reads and discards until the connection ends, with no
 //!   deadline after the connect, to see whether and how an idle open connection is
@@ -48,6 +54,9 @@
 //! result=ok sent=N received=M            client, on success
 //! result=KIND sent=N received=M stage=STAGE error=TEXT
 //!                                        client, on failure
+//! result=ok rounds=R sent=N received=M   stream, on success
+//! result=KIND rounds=R sent=N received=M stage=STAGE error=TEXT
+//!                                        stream, on failure
 //! result=connected local=ADDR peer=ADDR  connect-only, on success
 //! result=KIND stage=connect error=TEXT   connect-only, on failure
 //! connected local=ADDR                   hold, once connected
@@ -99,7 +108,8 @@ const USAGE: &str = "\
 usage: mesh-peer echo LISTEN_ADDR
        mesh-peer banner LISTEN_ADDR TEXT
        mesh-peer reset LISTEN_ADDR
-       mesh-peer client CONNECT_ADDR --bytes N [--expect-banner TEXT] [--no-half-close] [--repeat K]
+       mesh-peer client CONNECT_ADDR --bytes N [--expect-banner TEXT] [--no-half-close] [--repeat K | --for-seconds S]
+       mesh-peer stream CONNECT_ADDR --seconds S
        mesh-peer connect-only CONNECT_ADDR
        mesh-peer hold CONNECT_ADDR
 ADDR is IP:PORT, for example 10.9.2.11:8080";
@@ -200,7 +210,14 @@ struct ClientOptions {
     half_close: bool,
     /// Connections to make one after another, each with the whole exchange.
     repeat: usize,
+    /// Time during which to make connections one after another, instead of `repeat`.
+    for_duration: Option<Duration>,
 }
+
+/// Bytes per round of `stream`.
+const STREAM_CHUNK_LEN: usize = 1024;
+/// Pause between rounds of `stream`.
+const STREAM_INTERVAL: Duration = Duration::from_millis(20);
 
 fn main() -> ExitCode {
     // Checked once here, so that `client_timeout` cannot fail later.
@@ -226,6 +243,12 @@ fn main() -> ExitCode {
         ["client", addr, options @ ..] => parse_client(addr, options).map(run_client),
         ["connect-only", addr] => parse_addr(addr).map(connect_only),
         ["hold", addr] => parse_addr(addr).map(hold),
+        ["stream", addr, "--seconds", seconds] => parse_addr(addr).and_then(|addr| {
+            let seconds: u64 = seconds
+                .parse()
+                .map_err(|_| format!("invalid --seconds {seconds:?}: expected a whole number"))?;
+            Ok(stream(addr, Duration::from_secs(seconds)))
+        }),
         _ => Err("unknown mode or wrong number of arguments".to_owned()),
     };
     match result {
@@ -249,6 +272,7 @@ fn parse_client(addr: &str, options: &[&str]) -> Result<ClientOptions, String> {
         expect_banner: None,
         half_close: true,
         repeat: 1,
+        for_duration: None,
     };
     let mut bytes = None;
     let mut rest = options.iter();
@@ -271,6 +295,13 @@ fn parse_client(addr: &str, options: &[&str]) -> Result<ClientOptions, String> {
                 parsed.repeat = value
                     .parse()
                     .map_err(|_| format!("invalid --repeat {value:?}: expected a count"))?;
+            }
+            "--for-seconds" => {
+                let value = rest.next().ok_or("--for-seconds needs a value")?;
+                let seconds: u64 = value.parse().map_err(|_| {
+                    format!("invalid --for-seconds {value:?}: expected a whole number")
+                })?;
+                parsed.for_duration = Some(Duration::from_secs(seconds));
             }
             other => return Err(format!("unknown client option {other:?}")),
         }
@@ -371,7 +402,17 @@ fn run_client(options: ClientOptions) -> ExitCode {
     let payload = mesh_peer_payload(options.bytes);
     let (mut sent, mut got) = (0, 0);
     let mut result = Ok(());
-    for _ in 0..options.repeat {
+    let started = Instant::now();
+    let mut connections = 0;
+    loop {
+        let done = match options.for_duration {
+            Some(duration) => connections > 0 && started.elapsed() >= duration,
+            None => connections >= options.repeat,
+        };
+        if done {
+            break;
+        }
+        connections += 1;
         let mut progress = Progress::default();
         result = exchange(&options, &payload, &mut progress);
         sent += progress.sent;
@@ -380,14 +421,19 @@ fn run_client(options: ClientOptions) -> ExitCode {
             break;
         }
     }
+    let counted = if options.for_duration.is_some() {
+        format!(" connections={connections}")
+    } else {
+        String::new()
+    };
     match result {
         Ok(()) => {
-            emit(&format!("result=ok sent={sent} received={got}"));
+            emit(&format!("result=ok sent={sent} received={got}{counted}"));
             ExitCode::SUCCESS
         }
         Err(failure) => {
             emit(&format!(
-                "result={} sent={sent} received={got} stage={} error={}",
+                "result={} sent={sent} received={got}{counted} stage={} error={}",
                 failure.kind.name(),
                 failure.stage,
                 failure.error
@@ -557,6 +603,50 @@ fn compare_echo(payload: &[u8], received: &[u8]) -> Result<(), Failure> {
         });
     }
     Ok(())
+}
+
+/// Runs `stream`: one connection, a checked echo round every [`STREAM_INTERVAL`] until
+/// `duration` has passed.
+fn stream(addr: SocketAddr, duration: Duration) -> ExitCode {
+    let payload = mesh_peer_payload(STREAM_CHUNK_LEN);
+    let started = Instant::now();
+    let (mut rounds, mut sent, mut received) = (0u64, 0usize, 0usize);
+    let result = (|| -> Result<(), Failure> {
+        let mut stream = TcpStream::connect_timeout(&addr, client_timeout())
+            .map_err(|err| Failure::io("connect", &err))?;
+        while started.elapsed() < duration {
+            let deadline = Instant::now() + client_timeout();
+            stream
+                .set_write_timeout(Some(client_timeout()))
+                .and_then(|()| stream.write_all(&payload))
+                .map_err(|err| Failure::io("write", &err))?;
+            sent += payload.len();
+            let echo = read_exact_until(&stream, payload.len(), deadline)
+                .map_err(|err| Failure::io("read", &err))?;
+            received += echo.len();
+            compare_echo(&payload, &echo)?;
+            rounds += 1;
+            thread::sleep(STREAM_INTERVAL);
+        }
+        Ok(())
+    })();
+    match result {
+        Ok(()) => {
+            emit(&format!(
+                "result=ok rounds={rounds} sent={sent} received={received}"
+            ));
+            ExitCode::SUCCESS
+        }
+        Err(failure) => {
+            emit(&format!(
+                "result={} rounds={rounds} sent={sent} received={received} stage={} error={}",
+                failure.kind.name(),
+                failure.stage,
+                failure.error
+            ));
+            ExitCode::from(failure.kind.exit_code())
+        }
+    }
 }
 
 fn connect_only(addr: SocketAddr) -> ExitCode {
