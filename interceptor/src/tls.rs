@@ -247,7 +247,7 @@ pub fn client_config_with(
     let verifier = Arc::new(SpiffeServerVerifier {
         roots: root_store(trust_bundle)?,
         algorithms: provider.signature_verification_algorithms,
-        trust_domain: svid.spiffe_id.trust_domain().clone(),
+        expected: ExpectedServer::TrustDomain(svid.spiffe_id.trust_domain().clone()),
     });
 
     let mut config = ClientConfig::builder_with_provider(provider)
@@ -314,10 +314,10 @@ pub fn ca_client_config(
     let config_error = |source| Error::CaConfig {
         source: Box::new(source),
     };
-    let verifier = Arc::new(CaServiceVerifier {
+    let verifier = Arc::new(SpiffeServerVerifier {
         roots: root_store(trust_bundle)?,
         algorithms: provider.signature_verification_algorithms,
-        expected: identity::ca_service_id(trust_domain),
+        expected: ExpectedServer::CaService(identity::ca_service_id(trust_domain)),
     });
     let builder = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -437,14 +437,24 @@ impl ClientCertVerifier for SpiffeClientVerifier {
     }
 }
 
-/// Server certificate verifier of the client end: chain, validity and serverAuth checks
-/// against the trust bundle, followed by the trust domain check. It skips the server
-/// name check because SVIDs carry only a URI SAN.
+/// Server certificate verifier of a client end: chain, validity and serverAuth checks
+/// against the trust bundle, followed by a check of the server's URI SAN. It skips the
+/// server name check because SVIDs carry only a URI SAN.
 #[derive(Debug)]
 struct SpiffeServerVerifier {
     roots: Arc<RootCertStore>,
     algorithms: WebPkiSupportedAlgorithms,
-    trust_domain: TrustDomain,
+    expected: ExpectedServer,
+}
+
+/// The URI SAN check of [`SpiffeServerVerifier`].
+#[derive(Debug)]
+enum ExpectedServer {
+    /// A tunnel server: any SPIFFE ID of this trust domain. The tunnel code compares
+    /// the peer's ID with the directory's after the handshake.
+    TrustDomain(TrustDomain),
+    /// The CA service: exactly this URI.
+    CaService(String),
 }
 
 impl ServerCertVerifier for SpiffeServerVerifier {
@@ -464,69 +474,11 @@ impl ServerCertVerifier for SpiffeServerVerifier {
             now,
             self.algorithms.all,
         )?;
-        check_peer_trust_domain(end_entity, &self.trust_domain)?;
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algorithms.supported_schemes()
-    }
-}
-
-/// Server certificate verifier of a node daemon's CA client: chain, validity and
-/// serverAuth checks against the trust bundle, then the exact URI SAN of the CA service.
-#[derive(Debug)]
-struct CaServiceVerifier {
-    roots: Arc<RootCertStore>,
-    algorithms: WebPkiSupportedAlgorithms,
-    expected: String,
-}
-
-impl ServerCertVerifier for CaServiceVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let cert = ParsedCertificate::try_from(end_entity)?;
-        verify_server_cert_signed_by_trust_anchor(
-            &cert,
-            &self.roots,
-            intermediates,
-            now,
-            self.algorithms.all,
-        )?;
-        let rejected = |error: Error| {
-            rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(error))))
-        };
-        let uri = identity::uri_san_of(end_entity)
-            .map_err(|source| rejected(Error::PeerCertificate { source }))?;
-        if uri != self.expected {
-            return Err(rejected(Error::NotCaService {
-                expected: self.expected.clone(),
-                actual: uri,
-            }));
+        match &self.expected {
+            ExpectedServer::TrustDomain(trust_domain) => {
+                check_peer_trust_domain(end_entity, trust_domain)?;
+            }
+            ExpectedServer::CaService(expected) => check_ca_service(end_entity, expected)?,
         }
         Ok(ServerCertVerified::assertion())
     }
@@ -552,6 +504,22 @@ impl ServerCertVerifier for CaServiceVerifier {
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.algorithms.supported_schemes()
     }
+}
+
+/// Checks that the CA service's certificate carries exactly the URI SAN `expected`.
+fn check_ca_service(leaf: &CertificateDer<'_>, expected: &str) -> Result<(), rustls::Error> {
+    let rejected = |error: Error| {
+        rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(error))))
+    };
+    let uri =
+        identity::uri_san_of(leaf).map_err(|source| rejected(Error::PeerCertificate { source }))?;
+    if uri != expected {
+        return Err(rejected(Error::NotCaService {
+            expected: expected.to_owned(),
+            actual: uri,
+        }));
+    }
+    Ok(())
 }
 
 /// Certificate resolver of the server end. It returns the SVID only to a ClientHello that
@@ -687,7 +655,7 @@ mod tests {
         let verifier = Arc::new(SpiffeServerVerifier {
             roots: root_store(bundle).expect("build the root store"),
             algorithms: provider.signature_verification_algorithms,
-            trust_domain: trust_domain.clone(),
+            expected: ExpectedServer::TrustDomain(trust_domain.clone()),
         });
         let mut config = ClientConfig::builder_with_provider(Arc::new(provider))
             .with_protocol_versions(versions)
