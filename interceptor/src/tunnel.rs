@@ -38,7 +38,7 @@ use crate::identity::SpiffeId;
 use crate::ktls::{self, KtlsStream, RecordBoundedIo};
 use crate::netns::Netns;
 use crate::policy::{ConnectionFacts, OpenConnections, PolicyStore, Registration};
-use crate::policy::{Decision, Verdict};
+use crate::policy::{Decision, Reason, Verdict};
 use crate::protocol::{self, Status};
 use crate::relay::{self, relay, BufferPool, End, SharedTcp, Splice, Transferred};
 use crate::splice::PipePool;
@@ -93,8 +93,13 @@ pub enum Error {
     UnexpectedData { len: usize },
     #[error("handing the tunnel to kernel TLS failed")]
     Ktls(#[source] ktls::Error),
-    #[error("denied by policy {policy}")]
-    Denied { policy: String },
+    /// The policies deny the connection. `policy` names the DENY policy that matched,
+    /// and is `None` when ALLOW policies apply but none matched.
+    #[error("{reason}{}", policy.as_ref().map(|policy| format!(" {policy}")).unwrap_or_default())]
+    Denied {
+        reason: Reason,
+        policy: Option<String>,
+    },
     #[error("registering the delivery connection for sk_lookup failed")]
     Delivery(#[source] Box<crate::ebpf::Error>),
     #[error(transparent)]
@@ -860,9 +865,15 @@ pub(crate) fn authorize(
     note_verdict(&verdict, summary);
     match verdict.decision {
         Decision::Allow => Ok(()),
-        Decision::Deny => Err(Error::Denied {
-            policy: verdict.policy.unwrap_or_else(|| "none".to_owned()),
-        }),
+        Decision::Deny => Err(denial(verdict)),
+    }
+}
+
+/// Returns the error of a connection that `verdict` denies.
+fn denial(verdict: Verdict) -> Error {
+    Error::Denied {
+        reason: verdict.reason,
+        policy: verdict.policy,
     }
 }
 
@@ -897,9 +908,7 @@ pub(crate) async fn until_cut<F: std::future::Future>(
 /// Notes a reload's denying `verdict` in `summary` and returns the connection's error.
 pub(crate) fn cut_error(verdict: Verdict, summary: &mut Summary) -> Error {
     note_verdict(&verdict, summary);
-    Error::Denied {
-        policy: verdict.policy.unwrap_or_else(|| "none".to_owned()),
-    }
+    denial(verdict)
 }
 
 /// Connects to the app at `dst` in `local`'s pod. With transparent delivery set up,
@@ -933,4 +942,32 @@ fn connect_status(error: &Error) -> Status {
 async fn send_final_status<S: tokio::io::AsyncWrite + Unpin>(tls: &mut S, status: Status) {
     let _ = tls.write_all(&status.encode()).await;
     let _ = tls.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn verdict(reason: Reason, policy: Option<&str>) -> Verdict {
+        Verdict {
+            decision: Decision::Deny,
+            policy: policy.map(str::to_owned),
+            reason,
+            dry_run: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn denial_names_matching_deny_policy() {
+        let error = denial(verdict(Reason::DenyPolicyMatched, Some("shop/deny-plain")));
+
+        assert_eq!(error.to_string(), "denied by policy shop/deny-plain");
+    }
+
+    #[test]
+    fn denial_without_allow_match_gives_reason() {
+        let error = denial(verdict(Reason::NoAllowPolicyMatched, None));
+
+        assert_eq!(error.to_string(), "no ALLOW policy matched");
+    }
 }

@@ -12,7 +12,7 @@ use crate::topology::{Island, Node, Pod};
 /// every node of `island`, and one workload per pod in `enrolled`.
 ///
 /// Each workload is in namespace `default` with the pod's short name (`p<j>`) as its
-/// service account. Fails with `InvalidInput` when a pod is not on one of the island's
+/// service account. [`write_mesh_config_with`] can set other namespaces. Fails with `InvalidInput` when a pod is not on one of the island's
 /// nodes.
 pub fn write_mesh_config(
     island: &Island,
@@ -32,10 +32,12 @@ pub fn write_mesh_config(
 /// TOML lines added to a workload directory. `top` goes at the end of the file, where
 /// tables such as `[namespaces.NAME]` belong. Each entry of `sections` goes at the end
 /// of the `[[nodes]]` or `[[workloads]]` entry of the node or pod of that name.
+/// `namespaces` maps a pod's name to its workload's namespace, `default` when absent.
 #[derive(Clone, Debug, Default)]
 pub struct DirectoryExtras {
     pub top: String,
     pub sections: BTreeMap<String, String>,
+    pub namespaces: BTreeMap<String, String>,
 }
 
 /// Writes the workload directory as [`write_mesh_config`] does, with `extras` added.
@@ -88,9 +90,15 @@ fn render_mesh_config(
         }
         let _ = write!(
             text,
-            "\n[[workloads]]\nname = {}\nnamespace = \"default\"\nservice_account = {}\n\
+            "\n[[workloads]]\nname = {}\nnamespace = {}\nservice_account = {}\n\
              node = {}\nip = {}\nnetns = {}\ncgroup = {}\n{}",
             toml_string(&pod.name),
+            toml_string(
+                extras
+                    .namespaces
+                    .get(&pod.name)
+                    .map_or("default", String::as_str)
+            ),
             toml_string(&pod.short_name),
             toml_string(&pod.node),
             toml_string(&pod.ip.to_string()),
@@ -183,6 +191,33 @@ netns = "/run/netns/tst-n2-p2"
 cgroup = "interceptor/tst-n2/p2"
 "#;
         assert_eq!(text, expected);
+    }
+
+    #[test]
+    fn config_sets_workload_namespace() {
+        let spec = spec();
+        let pods = spec.pods();
+        let mut extras = DirectoryExtras::default();
+        extras
+            .namespaces
+            .insert(pods[1].name.clone(), "shop".to_owned());
+
+        let text = render_mesh_config(
+            &spec.nodes(),
+            "cluster.local",
+            &[&pods[0], &pods[1]],
+            &extras,
+        )
+        .expect("render config");
+
+        let namespaces: Vec<&str> = text
+            .lines()
+            .filter(|line| line.starts_with("namespace = "))
+            .collect();
+        assert_eq!(
+            namespaces,
+            ["namespace = \"default\"", "namespace = \"shop\""]
+        );
     }
 
     #[test]
