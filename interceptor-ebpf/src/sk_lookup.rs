@@ -5,14 +5,20 @@
 //! SYN there that no established socket claims. Settings come from [`INBOUND`], keyed by
 //! the pod address the SYN is for; the daemon's listeners from [`LISTENERS`]. The
 //! accepted socket keeps the original destination as its local address.
+//!
+//! Every reset it decides is reported to the daemon as an [`InboundReject`] record in
+//! [`INBOUND_REJECTS`], so the daemon can log and count what the kernel did.
 
-use aya_ebpf::{macros::sk_lookup, programs::SkLookupContext};
+use aya_ebpf::{
+    bindings::bpf_sk_lookup, helpers::bpf_ktime_get_ns, macros::sk_lookup,
+    programs::SkLookupContext,
+};
 use interceptor_common::{
-    contains_port, DeliveryKey, InboundPod, ListenerKey, INBOUND_STRICT, LISTENER_PLAINTEXT,
-    LISTENER_TUNNEL,
+    contains_port, DeliveryKey, InboundPod, InboundReject, ListenerKey, INBOUND_STRICT,
+    LISTENER_PLAINTEXT, LISTENER_TUNNEL, REJECT_IPV6, REJECT_NO_LISTENER, REJECT_STRICT_PLAINTEXT,
 };
 
-use crate::maps::{DELIVERY, INBOUND, LISTENERS};
+use crate::maps::{DELIVERY, INBOUND, INBOUND_REJECTS, INBOUND_REJECTS_LOST, LISTENERS};
 
 /// Return value that lets the lookup go on (with the assigned socket, if any).
 const SK_PASS: u32 = 1;
@@ -39,11 +45,13 @@ const IPPROTO_TCP: u32 = 6;
 /// the pod fails closed. Inbound IPv6 TCP is dropped unless it comes over loopback or
 /// from the pod's own address, because the mesh carries IPv4 only. The program runs
 /// only in enrolled pods, so no enrolled app receives plaintext over IPv6. Returns 1 (`SK_PASS`) to go on with the lookup, with or
-/// without an assigned socket, and 0 (`SK_DROP`) to reset.
+/// without an assigned socket, and 0 (`SK_DROP`) to reset. Each drop is reported in
+/// [`INBOUND_REJECTS`].
 ///
 /// # Minimum kernel version
 ///
-/// 5.9, for `sk_lookup` programs and `SOCKHASH` lookups in them.
+/// 5.9, for `sk_lookup` programs and `SOCKHASH` lookups in them (the ring buffer needs
+/// 5.8).
 #[sk_lookup]
 pub fn interceptor_sk_lookup(ctx: SkLookupContext) -> u32 {
     try_sk_lookup(&ctx).unwrap_or(SK_DROP)
@@ -56,7 +64,11 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> Result<u32, ()> {
         return Ok(SK_PASS);
     }
     if lookup.family == AF_INET6 {
-        return Ok(ipv6_verdict(lookup));
+        let verdict = ipv6_verdict(lookup);
+        if verdict == SK_DROP {
+            report(lookup, REJECT_IPV6);
+        }
+        return Ok(verdict);
     }
     if lookup.family != AF_INET {
         return Ok(SK_PASS);
@@ -84,13 +96,14 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> Result<u32, ()> {
         return Ok(SK_PASS);
     }
     if pod.mode == INBOUND_STRICT {
+        report(lookup, REJECT_STRICT_PLAINTEXT);
         return Ok(SK_DROP);
     }
     assign(ctx, pod_addr_be, LISTENER_PLAINTEXT)
 }
 
 /// Passes IPv6 connections to `::1` or from the pod's own address and drops the rest.
-fn ipv6_verdict(lookup: &aya_ebpf::bindings::bpf_sk_lookup) -> u32 {
+fn ipv6_verdict(lookup: &bpf_sk_lookup) -> u32 {
     // Verifier: the context allows only 4-byte loads of the address words, so each
     // word is read on its own rather than the arrays compared as a whole.
     let local = [
@@ -113,7 +126,7 @@ fn ipv6_verdict(lookup: &aya_ebpf::bindings::bpf_sk_lookup) -> u32 {
     }
 }
 
-fn is_delivery(lookup: &aya_ebpf::bindings::bpf_sk_lookup, pod_addr_be: u32, port: u16) -> bool {
+fn is_delivery(lookup: &bpf_sk_lookup, pod_addr_be: u32, port: u16) -> bool {
     let key = DeliveryKey {
         client_addr_be: lookup.remote_ip4,
         pod_addr_be,
@@ -135,6 +148,60 @@ fn assign(ctx: &SkLookupContext, pod_addr_be: u32, kind: u32) -> Result<u32, ()>
     let key = ListenerKey { pod_addr_be, kind };
     match LISTENERS.redirect_sk_lookup(ctx, key, 0) {
         Ok(()) => Ok(SK_PASS),
-        Err(_) => Ok(SK_DROP),
+        Err(_) => {
+            // SAFETY: as in `try_sk_lookup`.
+            report(unsafe { &*ctx.lookup }, REJECT_NO_LISTENER);
+            Ok(SK_DROP)
+        }
+    }
+}
+
+/// Writes an [`InboundReject`] record for the connection `lookup` to [`INBOUND_REJECTS`].
+/// When the ring buffer is full the record is lost and counted in
+/// [`INBOUND_REJECTS_LOST`]; the lookup never waits for the daemon.
+fn report(lookup: &bpf_sk_lookup, reason: u32) {
+    let Some(mut entry) = INBOUND_REJECTS.reserve::<InboundReject>(0) else {
+        count_lost();
+        return;
+    };
+    // Verifier: the address words are read one by one, as in `ipv6_verdict`.
+    let (pod_addr_be, client_addr_be) = if lookup.family == AF_INET6 {
+        (
+            [
+                lookup.local_ip6[0],
+                lookup.local_ip6[1],
+                lookup.local_ip6[2],
+                lookup.local_ip6[3],
+            ],
+            [
+                lookup.remote_ip6[0],
+                lookup.remote_ip6[1],
+                lookup.remote_ip6[2],
+                lookup.remote_ip6[3],
+            ],
+        )
+    } else {
+        ([lookup.local_ip4, 0, 0, 0], [lookup.remote_ip4, 0, 0, 0])
+    };
+    entry.write(InboundReject {
+        // SAFETY: the helper takes no arguments and only reads the clock.
+        time_ns: unsafe { bpf_ktime_get_ns() },
+        pod_addr_be,
+        client_addr_be,
+        family: lookup.family,
+        reason,
+        client_port: u16::from_be(lookup.remote_port),
+        pod_port: lookup.local_port as u16,
+        _pad: 0,
+    });
+    entry.submit(0);
+}
+
+fn count_lost() {
+    if let Some(lost) = INBOUND_REJECTS_LOST.get_ptr_mut(0) {
+        // SAFETY: the pointer is valid for the map's life. The kernel runs the program
+        // with CPU migration disabled, in softirq context, so no other writer touches
+        // this CPU's slot meanwhile.
+        unsafe { *lost += 1 };
     }
 }

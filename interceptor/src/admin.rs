@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -42,10 +43,15 @@ struct Counters {
     bytes_received: u64,
 }
 
-/// Counters of closed connections, by [`ConnectionLabels`].
+/// Counters of closed connections, by [`ConnectionLabels`], and of the inbound
+/// connections the `sk_lookup` program rejected.
 #[derive(Debug, Default)]
 pub struct Metrics {
     closed: Mutex<BTreeMap<ConnectionLabels, Counters>>,
+    /// Rejections by (workload, reason).
+    rejected: Mutex<BTreeMap<(String, &'static str), u64>>,
+    /// Rejection records lost because the ring buffer was full, as last read.
+    rejections_lost: AtomicU64,
 }
 
 impl Metrics {
@@ -60,6 +66,20 @@ impl Metrics {
         counters.connections += 1;
         counters.bytes_sent += sent;
         counters.bytes_received += received;
+    }
+
+    /// Counts one inbound connection that the `sk_lookup` program rejected.
+    pub fn record_rejection(&self, workload: &str, reason: &'static str) {
+        let mut rejected = self
+            .rejected
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        *rejected.entry((workload.to_owned(), reason)).or_default() += 1;
+    }
+
+    /// Sets the number of rejection records lost so far, read from the kernel's counter.
+    pub fn set_rejections_lost(&self, total: u64) {
+        self.rejections_lost.store(total, Ordering::Relaxed);
     }
 
     /// Renders every metric in the Prometheus text format, with what the kernel supports
@@ -134,8 +154,43 @@ impl Metrics {
                 u8::from(value)
             );
         }
+        self.render_rejections(&mut out);
         out
     }
+
+    fn render_rejections(&self, out: &mut String) {
+        let name = "interceptor_inbound_rejected_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Inbound connections the sk_lookup program reset, by workload and reason.\n# TYPE {name} counter"
+        );
+        let rejected = self
+            .rejected
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        for ((workload, reason), count) in rejected.iter() {
+            let _ = writeln!(
+                out,
+                "{name}{{workload=\"{}\",reason=\"{reason}\"}} {count}",
+                escape_label(workload)
+            );
+        }
+        let name = "interceptor_inbound_rejections_lost_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Inbound rejections not logged or counted by workload, because the ring buffer was full.\n# TYPE {name} counter\n{name} {}",
+            self.rejections_lost.load(Ordering::Relaxed)
+        );
+    }
+}
+
+/// Escapes a label value for the Prometheus text format, where backslash, double quote
+/// and line feed must be written as `\\`, `\"` and `\n`.
+fn escape_label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 /// Maximum length of a request head the endpoint reads.
@@ -248,6 +303,37 @@ mod tests {
             text.contains("interceptor_kernel_tls_offload{cipher=\"CHACHA20-POLY1305\"} 0"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn rejections_are_counted_per_workload_and_reason() {
+        let metrics = Metrics::default();
+        metrics.record_rejection("web", "strict_plaintext");
+        metrics.record_rejection("web", "strict_plaintext");
+        metrics.record_rejection("web", "no_listener");
+        metrics.set_rejections_lost(3);
+
+        let text = metrics.render(&ktls::Support::none("test"));
+
+        assert!(
+            text.contains("interceptor_inbound_rejected_total{workload=\"web\",reason=\"strict_plaintext\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "interceptor_inbound_rejected_total{workload=\"web\",reason=\"no_listener\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("interceptor_inbound_rejections_lost_total 3"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(escape_label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
     }
 
     #[test]
