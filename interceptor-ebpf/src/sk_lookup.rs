@@ -64,11 +64,7 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> Result<u32, ()> {
         return Ok(SK_PASS);
     }
     if lookup.family == AF_INET6 {
-        let verdict = ipv6_verdict(lookup);
-        if verdict == SK_DROP {
-            report(lookup, REJECT_IPV6);
-        }
-        return Ok(verdict);
+        return Ok(ipv6_verdict(lookup));
     }
     if lookup.family != AF_INET {
         return Ok(SK_PASS);
@@ -88,21 +84,30 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> Result<u32, ()> {
     if client_be == pod_addr_be || is_delivery(lookup, pod_addr_be, port) {
         return Ok(SK_PASS);
     }
+    let rejection = InboundReject {
+        pod_addr_be: [pod_addr_be, 0, 0, 0],
+        client_addr_be: [client_be, 0, 0, 0],
+        family: AF_INET,
+        client_port: u16::from_be(lookup.remote_port),
+        pod_port: port,
+        ..InboundReject::default()
+    };
 
     if port == pod.tunnel_port {
-        return assign(ctx, pod_addr_be, LISTENER_TUNNEL);
+        return Ok(assign(ctx, pod_addr_be, LISTENER_TUNNEL, rejection));
     }
     if pod.exclude.matches(client_be, port) || is_probe(&pod, client_be, port) {
         return Ok(SK_PASS);
     }
     if pod.mode == INBOUND_STRICT {
-        report(lookup, REJECT_STRICT_PLAINTEXT);
+        report(rejection, REJECT_STRICT_PLAINTEXT);
         return Ok(SK_DROP);
     }
-    assign(ctx, pod_addr_be, LISTENER_PLAINTEXT)
+    Ok(assign(ctx, pod_addr_be, LISTENER_PLAINTEXT, rejection))
 }
 
-/// Passes IPv6 connections to `::1` or from the pod's own address and drops the rest.
+/// Passes IPv6 connections to `::1` or from the pod's own address and drops (and
+/// reports) the rest.
 fn ipv6_verdict(lookup: &bpf_sk_lookup) -> u32 {
     // Verifier: the context allows only 4-byte loads of the address words, so each
     // word is read on its own rather than the arrays compared as a whole.
@@ -122,6 +127,15 @@ fn ipv6_verdict(lookup: &bpf_sk_lookup) -> u32 {
     if loopback || local == remote {
         SK_PASS
     } else {
+        let rejection = InboundReject {
+            pod_addr_be: local,
+            client_addr_be: remote,
+            family: AF_INET6,
+            client_port: u16::from_be(lookup.remote_port),
+            pod_port: lookup.local_port as u16,
+            ..InboundReject::default()
+        };
+        report(rejection, REJECT_IPV6);
         SK_DROP
     }
 }
@@ -143,57 +157,35 @@ fn is_probe(pod: &InboundPod, client_be: u32, port: u16) -> bool {
         && contains_port(&pod.probe_ports, port)
 }
 
-/// Assigns the daemon's listener `kind` for the pod; drops when it is missing.
-fn assign(ctx: &SkLookupContext, pod_addr_be: u32, kind: u32) -> Result<u32, ()> {
+/// Assigns the daemon's listener `kind` for the pod; drops and reports `rejection`
+/// when the listener is missing.
+fn assign(ctx: &SkLookupContext, pod_addr_be: u32, kind: u32, rejection: InboundReject) -> u32 {
     let key = ListenerKey { pod_addr_be, kind };
     match LISTENERS.redirect_sk_lookup(ctx, key, 0) {
-        Ok(()) => Ok(SK_PASS),
+        Ok(()) => SK_PASS,
         Err(_) => {
-            // SAFETY: as in `try_sk_lookup`.
-            report(unsafe { &*ctx.lookup }, REJECT_NO_LISTENER);
-            Ok(SK_DROP)
+            report(rejection, REJECT_NO_LISTENER);
+            SK_DROP
         }
     }
 }
 
-/// Writes an [`InboundReject`] record for the connection `lookup` to [`INBOUND_REJECTS`].
-/// When the ring buffer is full the record is lost and counted in
-/// [`INBOUND_REJECTS_LOST`]; the lookup never waits for the daemon.
-fn report(lookup: &bpf_sk_lookup, reason: u32) {
+/// Writes `rejection` with `reason` and the current time to [`INBOUND_REJECTS`]. When
+/// the ring buffer is full the record is lost and counted in [`INBOUND_REJECTS_LOST`];
+/// the lookup never waits for the daemon.
+///
+/// Verifier: the callers copy the context's fields into `rejection` where they read
+/// them anyway. Reading them here made LLVM load through a context pointer plus an
+/// offset, which the verifier rejects ("dereference of modified ctx ptr").
+fn report(mut rejection: InboundReject, reason: u32) {
     let Some(mut entry) = INBOUND_REJECTS.reserve::<InboundReject>(0) else {
         count_lost();
         return;
     };
-    // Verifier: the address words are read one by one, as in `ipv6_verdict`.
-    let (pod_addr_be, client_addr_be) = if lookup.family == AF_INET6 {
-        (
-            [
-                lookup.local_ip6[0],
-                lookup.local_ip6[1],
-                lookup.local_ip6[2],
-                lookup.local_ip6[3],
-            ],
-            [
-                lookup.remote_ip6[0],
-                lookup.remote_ip6[1],
-                lookup.remote_ip6[2],
-                lookup.remote_ip6[3],
-            ],
-        )
-    } else {
-        ([lookup.local_ip4, 0, 0, 0], [lookup.remote_ip4, 0, 0, 0])
-    };
-    entry.write(InboundReject {
-        // SAFETY: the helper takes no arguments and only reads the clock.
-        time_ns: unsafe { bpf_ktime_get_ns() },
-        pod_addr_be,
-        client_addr_be,
-        family: lookup.family,
-        reason,
-        client_port: u16::from_be(lookup.remote_port),
-        pod_port: lookup.local_port as u16,
-        _pad: 0,
-    });
+    rejection.reason = reason;
+    // SAFETY: the helper takes no arguments and only reads the clock.
+    rejection.time_ns = unsafe { bpf_ktime_get_ns() };
+    entry.write(rejection);
     entry.submit(0);
 }
 

@@ -379,24 +379,12 @@ impl Reader {
 fn log_rejection(workload: &str, rejection: &Rejection) {
     let age_ms = monotonic_ns().saturating_sub(rejection.time_ns) / 1_000_000;
     let reason = rejection.reason.as_str();
-    let (src, dst) = (rejection.client, rejection.dst);
+    let (src, dst) = (rejection.client.to_string(), rejection.dst.to_string());
     match rejection.reason {
-        Reason::NoListener => warn!(
-            workload,
-            %src,
-            %dst,
-            reason,
-            age_ms,
-            "connection rejected"
-        ),
-        Reason::StrictPlaintext | Reason::Ipv6 => info!(
-            workload,
-            %src,
-            %dst,
-            reason,
-            age_ms,
-            "connection rejected"
-        ),
+        Reason::NoListener => warn!(workload, src, dst, reason, age_ms, "connection rejected"),
+        Reason::StrictPlaintext | Reason::Ipv6 => {
+            info!(workload, src, dst, reason, age_ms, "connection rejected")
+        }
     }
 }
 
