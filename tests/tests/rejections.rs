@@ -7,13 +7,14 @@
 
 use std::fs::File;
 use std::io;
-use std::net::{SocketAddr, TcpStream};
+use std::net::{Ipv6Addr, SocketAddr, SocketAddrV6, TcpStream};
 use std::os::fd::AsRawFd;
 use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use interceptor_tests::mesh::{scaled, Mesh};
-use interceptor_tests::{require_privileges, DirectoryExtras, Island, IslandSpec};
+use interceptor_tests::{require_privileges, DirectoryExtras, Island, IslandSpec, Pod};
 
 /// Ports of the port scan, none of which has a server.
 const SCAN_PORTS: std::ops::RangeInclusive<u16> = 9001..=9100;
@@ -45,6 +46,56 @@ fn connect_each(netns: &Path, addrs: Vec<SocketAddr>) -> Vec<Option<io::ErrorKin
     })
     .join()
     .expect("the connecting thread panicked")
+}
+
+/// Returns the link-local IPv6 address of `pod`'s `eth0` once duplicate address
+/// detection has finished with it.
+fn link_local_addr(pod: &Pod) -> Ipv6Addr {
+    let deadline = Instant::now() + scaled(Duration::from_secs(10));
+    loop {
+        let output = Command::new("ip")
+            .args(["netns", "exec", &pod.name, "ip", "-6", "-o", "addr", "show"])
+            .args(["dev", "eth0", "scope", "link", "-tentative"])
+            .output()
+            .expect("running ip");
+        assert!(output.status.success(), "ip addr show failed: {output:?}");
+        // "2: eth0    inet6 fe80::1/64 scope link ..."
+        let text = String::from_utf8_lossy(&output.stdout);
+        let addr = text
+            .split_whitespace()
+            .skip_while(|word| *word != "inet6")
+            .nth(1)
+            .and_then(|cidr| cidr.split('/').next())
+            .and_then(|addr| addr.parse().ok());
+        if let Some(addr) = addr {
+            return addr;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} has no usable link-local address",
+            pod.name
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Returns the interface index of `pod`'s `eth0`, the scope of link-local addresses
+/// dialed from it.
+fn eth0_index(pod: &Pod) -> u32 {
+    let output = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &pod.name,
+            "cat",
+            "/sys/class/net/eth0/ifindex",
+        ])
+        .output()
+        .expect("running ip");
+    String::from_utf8_lossy(&output.stdout)
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("no interface index of eth0 in {}: {output:?}", pod.name))
 }
 
 /// Returns the `connection rejected` lines of `log` for `workload` and `reason`.
@@ -101,7 +152,8 @@ fn wait_until(what: &str, condition: impl Fn() -> bool) {
 }
 
 /// Island `dlrej`, one node: p1 is an enrolled strict server, p2 a plaintext client
-/// outside the mesh, p3 an enrolled permissive server.
+/// outside the mesh, p3 an enrolled permissive server. Pods of one node share a
+/// bridge, so p2 also reaches p3's link-local IPv6 address.
 #[test]
 fn rejections_are_logged_and_counted() {
     let test = "rejections_are_logged_and_counted";
@@ -184,6 +236,33 @@ fn rejections_are_logged_and_counted() {
     wait_until("the metric counts every probe", || {
         rejected_metric(&mesh, &strict.name, "strict_plaintext") == total
     });
+
+    // IPv6 to an enrolled pod is reset, and the daemon finds the workload from the
+    // pods' IPv6 addresses.
+    link_local_addr(client);
+    let dst = SocketAddr::V6(SocketAddrV6::new(
+        link_local_addr(permissive),
+        8086,
+        0,
+        eth0_index(client),
+    ));
+    let outcome = connect_each(&client.netns_path, vec![dst]);
+    assert_eq!(
+        outcome,
+        [Some(io::ErrorKind::ConnectionRefused)],
+        "IPv6 to an enrolled pod"
+    );
+    let log = mesh.log_when(1, |log| {
+        !rejected_lines(log, &permissive.name, "ipv6").is_empty()
+    });
+    let lines = rejected_lines(&log, &permissive.name, "ipv6");
+    assert_eq!(lines.len(), 1, "one IPv6 rejection line expected:\n{log}");
+    assert!(
+        lines[0].contains("src=\"[fe80:") && lines[0].contains("]:8086\""),
+        "the line does not name the link-local client and port 8086: {}",
+        lines[0]
+    );
+    assert_eq!(rejected_metric(&mesh, &permissive.name, "ipv6"), 1);
 
     // With the daemon down, the permissive workload's listener is gone and the
     // connection is reset. The record waits in the pinned ring buffer, and the next
