@@ -210,8 +210,8 @@ const _: () = assert!(size_of::<InboundPod>() == 88);
 
 /// Size of the [`INBOUND_REJECTS_MAP`] ring buffer in bytes: 256 KiB, a power-of-two
 /// multiple of the page size as the kernel requires. Each record takes 64 bytes with
-/// the kernel's 8-byte header, so the buffer holds 4096 rejections that the daemon
-/// has not read yet.
+/// the kernel's 8-byte header, so the buffer has room for 4096 rejections that the
+/// daemon has not read yet.
 pub const INBOUND_REJECTS_BYTES: u32 = 256 * 1024;
 
 /// [`InboundReject::reason`]: plaintext to a workload in strict mode.
@@ -223,7 +223,7 @@ pub const REJECT_IPV6: u32 = 2;
 pub const REJECT_NO_LISTENER: u32 = 3;
 
 /// Record of the inbound rejections ring buffer: one TCP SYN to an enrolled pod that
-/// the `sk_lookup` program answered with a reset.
+/// the `sk_lookup` program dropped, so the kernel replied with a reset.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct InboundReject {

@@ -1,6 +1,6 @@
 //! Inbound connections that the `sk_lookup` program rejected in the kernel: plaintext
 //! to a workload in strict mode, IPv6 from outside the pod, and connections whose
-//! daemon listener is missing. The kernel answers those SYNs with a reset and no
+//! daemon listener is missing. The kernel replies to those SYNs with a reset and no
 //! socket ever reaches the daemon, so the program writes a record of each one to a
 //! ring buffer, which this module reads, logs and counts.
 //!
@@ -46,7 +46,7 @@ const IPV6_RESCAN_INTERVAL: Duration = Duration::from_secs(1);
 const AF_INET: u32 = libc::AF_INET as u32;
 const AF_INET6: u32 = libc::AF_INET6 as u32;
 
-/// Why the `sk_lookup` program reset a connection.
+/// Cause of a reset by the `sk_lookup` program.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Reason {
     /// Plaintext to a workload in strict mode.
@@ -96,7 +96,7 @@ impl Rejection {
         if record.len() < size_of::<InboundReject>() {
             return None;
         }
-        // SAFETY: `record` holds at least `size_of::<InboundReject>()` bytes, and the
+        // SAFETY: `record` contains at least `size_of::<InboundReject>()` bytes, and the
         // type is plain integers, valid for any bit pattern; the read is unaligned.
         let raw: InboundReject = unsafe { std::ptr::read_unaligned(record.as_ptr().cast()) };
         let reason = Reason::from_code(raw.reason)?;
@@ -150,7 +150,7 @@ struct Window {
     suppressed: u64,
 }
 
-/// What [`RateLimiter::admit`] decided for one event.
+/// Decision of [`RateLimiter::admit`] for one event.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Admission {
     /// Whether to log the event.
@@ -199,7 +199,7 @@ impl<K: Eq + Hash + Clone> RateLimiter<K> {
 
     /// Ends the windows that are over at `now` and returns the keys whose windows
     /// suppressed events, with the number suppressed. The ended keys are forgotten,
-    /// so the limiter holds only keys seen within the last window.
+    /// so the limiter keeps only keys seen within the last window.
     pub fn expire(&mut self, now: Instant) -> Vec<(K, u64)> {
         let mut summaries = Vec::new();
         let ended: Vec<K> = self
@@ -261,7 +261,7 @@ impl PodNames {
     }
 
     // NOTE: two pods with the same IPv6 address (a link-local address set by hand on
-    // both, say) are not told apart; the address names the pod scanned last.
+    // both, say) are not distinguished; the address names the pod scanned last.
     async fn scan_ipv6(&mut self) {
         self.last_scan = Some(Instant::now());
         self.by_ipv6.clear();
@@ -549,7 +549,7 @@ mod tests {
     }
 
     #[test]
-    fn rate_limiter_logs_up_to_the_limit_per_window() {
+    fn rate_limiter_logs_up_to_limit() {
         let mut limiter = RateLimiter::new(3, Duration::from_secs(1));
         let start = Instant::now();
 

@@ -1,7 +1,7 @@
-//! Privileged end-to-end test of the rejection reports: connections that the
+//! Privileged end-to-end test of the rejection reports. Connections that the
 //! `sk_lookup` program resets in the kernel show up in the daemon's log and in
-//! `/metrics`, a port scan is rate-limited in the log but fully counted, and a
-//! rejection while the daemon is down is logged by the next daemon.
+//! `/metrics`. A port scan is rate-limited in the log but fully counted. A rejection
+//! while the daemon is down is logged by the next daemon.
 //!
 //! The island uses prefix `dlrej` and subnet 251.
 
