@@ -192,8 +192,8 @@ fn report(mut rejection: InboundReject, reason: u32) {
 fn count_lost() {
     if let Some(lost) = INBOUND_REJECTS_LOST.get_ptr_mut(0) {
         // SAFETY: the pointer is valid for the map's life. The kernel runs the program
-        // with CPU migration disabled, in softirq context, so no other writer touches
-        // this CPU's slot meanwhile.
+        // in the TCP receive path with CPU migration and bottom halves disabled, so no
+        // other writer touches this CPU's slot meanwhile.
         unsafe { *lost += 1 };
     }
 }
