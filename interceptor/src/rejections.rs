@@ -37,7 +37,7 @@ pub const LOG_LINES_PER_SECOND: u32 = 10;
 
 /// The window of the log rate limit, which is also how often suppressed rejections are
 /// summed up and the lost-record counter is read.
-const LOG_WINDOW: Duration = Duration::from_secs(1);
+pub const LOG_WINDOW: Duration = Duration::from_secs(1);
 
 /// Minimum time between two scans of the pods' IPv6 addresses, so rejections for an
 /// address that no pod has cannot make the daemon scan on every record.
