@@ -210,8 +210,8 @@ const _: () = assert!(size_of::<InboundPod>() == 88);
 
 /// Size of the [`INBOUND_REJECTS_MAP`] ring buffer in bytes: 256 KiB, a power-of-two
 /// multiple of the page size as the kernel requires. Each record takes 64 bytes with
-/// the kernel's 8-byte header, so the buffer has room for 4096 rejections that the
-/// daemon has not read yet.
+/// the kernel's 8-byte header. The kernel keeps the producer less than the whole
+/// size ahead of the reader, so the buffer has room for 4095 unread rejections.
 pub const INBOUND_REJECTS_BYTES: u32 = 256 * 1024;
 
 /// [`InboundReject::reason`]: plaintext to a workload in strict mode.

@@ -1,7 +1,8 @@
 //! Privileged end-to-end test of the rejection reports. Connections that the
 //! `sk_lookup` program resets in the kernel show up in the daemon's log and in
 //! `/metrics`. A port scan is rate-limited in the log but fully counted. A rejection
-//! while the daemon is down is logged by the next daemon.
+//! while the daemon is down is logged by the next daemon, and a flood that overflows
+//! the ring buffer meanwhile is counted as lost.
 //!
 //! The island uses prefix `dlrej` and subnet 251.
 
@@ -18,6 +19,10 @@ use interceptor_tests::{require_privileges, DirectoryExtras, Island, IslandSpec,
 
 /// Ports of the port scan, none of which has a server.
 const SCAN_PORTS: std::ops::RangeInclusive<u16> = 9001..=9100;
+
+/// Connections made while the daemon is down: more than the 4095 records that the
+/// 256 KiB ring buffer has room for, so some are lost.
+const FLOOD_PROBES: usize = 5000;
 
 /// Connects from a thread inside the network namespace at `netns` to each of `addrs`
 /// in turn and returns the error kind of each attempt (`None` when it connected).
@@ -140,6 +145,16 @@ fn rejected_metric(mesh: &Mesh, workload: &str, reason: &str) -> u64 {
         .find_map(|l| l.strip_prefix(&series))
         .map(|n| n.parse().expect("a counter value"))
         .unwrap_or(0)
+}
+
+/// Returns the value of `interceptor_inbound_rejections_lost_total` on node 1.
+fn lost_metric(mesh: &Mesh) -> u64 {
+    let metrics = mesh.admin_get(1, "/metrics").expect("fetching /metrics");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("interceptor_inbound_rejections_lost_total "))
+        .map(|n| n.parse().expect("a counter value"))
+        .expect("the lost rejections counter in /metrics")
 }
 
 /// Polls `condition` every 100 ms until it holds, for up to 10 s (scaled).
@@ -266,7 +281,8 @@ fn rejections_are_logged_and_counted() {
 
     // With the daemon down, the permissive workload's listener is gone and the
     // connection is reset. The record waits in the pinned ring buffer, and the next
-    // daemon logs and counts it.
+    // daemon logs and counts it. A flood of plaintext to the strict workload then
+    // fills the buffer, and the records that did not fit are counted as lost.
     mesh.kill_daemon(1).expect("killing the daemon");
     let dst = SocketAddr::from((permissive.ip, 8080));
     let outcome = connect_each(&client.netns_path, vec![dst]);
@@ -274,6 +290,14 @@ fn rejections_are_logged_and_counted() {
         outcome,
         [Some(io::ErrorKind::ConnectionRefused)],
         "with the daemon down"
+    );
+    let flood = vec![SocketAddr::from((strict.ip, 8080)); FLOOD_PROBES];
+    let outcome = connect_each(&client.netns_path, flood);
+    assert!(
+        outcome
+            .iter()
+            .all(|kind| *kind == Some(io::ErrorKind::ConnectionRefused)),
+        "every connection of the flood must be refused"
     );
     let before_restart = mesh.log(1).len();
     mesh.start_daemon(1).expect("restarting the daemon");
@@ -287,11 +311,36 @@ fn rejections_are_logged_and_counted() {
         "the restarted daemon did not log the rejection from while it was down:\n{log}"
     );
     assert!(
-        lines[0].contains(&format!("src=\"{}:", client.ip))
-            && lines[0].contains(&format!("dst=\"{dst}\"")),
-        "the line does not name the client {} and the destination {dst}: {}",
+        lines[0].contains(&format!("src=\"{}:", client.ip)),
+        "the line does not name the client {}: {}",
         client.ip,
         lines[0]
     );
+    assert!(
+        lines[0].contains(&format!("dst=\"{dst}\"")),
+        "the line does not name the destination {dst}: {}",
+        lines[0]
+    );
     assert_eq!(rejected_metric(&mesh, &permissive.name, "no_listener"), 1);
+
+    let flood_accounted =
+        || rejected_metric(&mesh, &strict.name, "strict_plaintext") + lost_metric(&mesh);
+    wait_until("the flood is counted or lost in full", || {
+        flood_accounted() >= FLOOD_PROBES as u64
+    });
+    assert_eq!(
+        flood_accounted(),
+        FLOOD_PROBES as u64,
+        "rejections counted plus lost must add up to the flood"
+    );
+    assert!(
+        lost_metric(&mesh) > 0,
+        "a flood larger than the ring buffer lost nothing"
+    );
+    let log = mesh.log(1);
+    assert!(
+        log[before_restart..].contains("inbound rejection records lost"),
+        "the restarted daemon did not warn about the lost records:\n{}",
+        &log[before_restart..]
+    );
 }
