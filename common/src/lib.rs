@@ -30,6 +30,12 @@ pub const DELIVERY_MAP: &str = "DELIVERY";
 /// Name of the map of outbound exclusions per enrolled cgroup id ([`Exclusions`]
 /// values).
 pub const OUTBOUND_EXCLUDE_MAP: &str = "OUTBOUND_EXCLUDE";
+/// Name of the ring buffer of inbound connections the `sk_lookup` program rejected
+/// ([`InboundReject`] records).
+pub const INBOUND_REJECTS_MAP: &str = "INBOUND_REJECTS";
+/// Name of the per-CPU array (one `u64` slot) that counts the [`InboundReject`]
+/// records lost because the ring buffer was full.
+pub const INBOUND_REJECTS_LOST_MAP: &str = "INBOUND_REJECTS_LOST";
 
 /// Names of the programs in the eBPF object.
 pub const CONNECT4_PROG: &str = "interceptor_connect4";
@@ -202,6 +208,44 @@ pub struct InboundPod {
 }
 const _: () = assert!(size_of::<InboundPod>() == 88);
 
+/// Size of the [`INBOUND_REJECTS_MAP`] ring buffer in bytes: 256 KiB, a power-of-two
+/// multiple of the page size as the kernel requires. Each record takes 64 bytes with
+/// the kernel's 8-byte header. The kernel keeps the producer less than the whole
+/// size ahead of the reader, so the buffer has room for 4095 unread rejections.
+pub const INBOUND_REJECTS_BYTES: u32 = 256 * 1024;
+
+/// [`InboundReject::reason`]: plaintext to a workload in strict mode.
+pub const REJECT_STRICT_PLAINTEXT: u32 = 1;
+/// [`InboundReject::reason`]: IPv6 from outside the pod, which the mesh does not carry.
+pub const REJECT_IPV6: u32 = 2;
+/// [`InboundReject::reason`]: the daemon's listener for the connection is missing from
+/// the listeners map, because the daemon is down or has not started yet.
+pub const REJECT_NO_LISTENER: u32 = 3;
+
+/// Record of the inbound rejections ring buffer: one TCP SYN to an enrolled pod that
+/// the `sk_lookup` program dropped, so the kernel replied with a reset.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InboundReject {
+    /// When the program ran: `bpf_ktime_get_ns`, nanoseconds of `CLOCK_MONOTONIC`.
+    pub time_ns: u64,
+    /// The pod's address the SYN was for, network byte order, as the four 32-bit words
+    /// of `bpf_sk_lookup`. An IPv4 address fills word 0 and leaves the others 0.
+    pub pod_addr_be: [u32; 4],
+    /// The client's address, laid out as `pod_addr_be`.
+    pub client_addr_be: [u32; 4],
+    /// `AF_INET` (2) or `AF_INET6` (10).
+    pub family: u32,
+    /// [`REJECT_STRICT_PLAINTEXT`], [`REJECT_IPV6`] or [`REJECT_NO_LISTENER`].
+    pub reason: u32,
+    /// The client's port, host byte order.
+    pub client_port: u16,
+    /// The pod's port the SYN was for, host byte order.
+    pub pod_port: u16,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<InboundReject>() == 56);
+
 /// [`ListenerKey::kind`] of the tunnel listener.
 pub const LISTENER_TUNNEL: u32 = 0;
 /// [`ListenerKey::kind`] of the plaintext inbound listener.
@@ -260,4 +304,6 @@ mod user {
     unsafe impl aya::Pod for ListenerKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for DeliveryKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for InboundReject {}
 }

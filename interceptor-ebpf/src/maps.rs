@@ -3,11 +3,11 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, SockHash},
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf, SockHash},
 };
 use interceptor_common::{
     ConnKey, DeliveryKey, EnrolledCgroup, Exclusions, InboundPod, ListenerKey, OrigDst,
-    MAX_ENROLLED, MAX_PENDING_CONNECTS,
+    INBOUND_REJECTS_BYTES, MAX_ENROLLED, MAX_PENDING_CONNECTS,
 };
 
 /// Enrolled workloads: cgroup v2 id to the workload's namespace and outbound listener.
@@ -45,3 +45,14 @@ pub static LISTENERS: SockHash<ListenerKey> = SockHash::pinned(2 * MAX_ENROLLED,
 /// behind is eventually evicted.
 #[map(name = "DELIVERY")]
 pub static DELIVERY: LruHashMap<DeliveryKey, u32> = LruHashMap::pinned(MAX_PENDING_CONNECTS, 0);
+
+/// Inbound connections the `sk_lookup` program reset, as `InboundReject` records for the
+/// daemon to log and count. Pinned like the others, so the records of rejections while
+/// no daemon runs wait here for the next one.
+#[map(name = "INBOUND_REJECTS")]
+pub static INBOUND_REJECTS: RingBuf = RingBuf::pinned(INBOUND_REJECTS_BYTES, 0);
+
+/// Number of `InboundReject` records lost because [`INBOUND_REJECTS`] was full, in
+/// slot 0 of each CPU's copy; the daemon adds the copies up.
+#[map(name = "INBOUND_REJECTS_LOST")]
+pub static INBOUND_REJECTS_LOST: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);

@@ -5,14 +5,20 @@
 //! SYN there that no established socket claims. Settings come from [`INBOUND`], keyed by
 //! the pod address the SYN is for; the daemon's listeners from [`LISTENERS`]. The
 //! accepted socket keeps the original destination as its local address.
+//!
+//! Every reset it decides is reported to the daemon as an [`InboundReject`] record in
+//! [`INBOUND_REJECTS`], so the daemon can log and count what the kernel did.
 
-use aya_ebpf::{macros::sk_lookup, programs::SkLookupContext};
+use aya_ebpf::{
+    bindings::bpf_sk_lookup, helpers::bpf_ktime_get_ns, macros::sk_lookup,
+    programs::SkLookupContext,
+};
 use interceptor_common::{
-    contains_port, DeliveryKey, InboundPod, ListenerKey, INBOUND_STRICT, LISTENER_PLAINTEXT,
-    LISTENER_TUNNEL,
+    contains_port, DeliveryKey, InboundPod, InboundReject, ListenerKey, INBOUND_STRICT,
+    LISTENER_PLAINTEXT, LISTENER_TUNNEL, REJECT_IPV6, REJECT_NO_LISTENER, REJECT_STRICT_PLAINTEXT,
 };
 
-use crate::maps::{DELIVERY, INBOUND, LISTENERS};
+use crate::maps::{DELIVERY, INBOUND, INBOUND_REJECTS, INBOUND_REJECTS_LOST, LISTENERS};
 
 /// Return value that lets the lookup go on (with the assigned socket, if any).
 const SK_PASS: u32 = 1;
@@ -39,11 +45,13 @@ const IPPROTO_TCP: u32 = 6;
 /// the pod fails closed. Inbound IPv6 TCP is dropped unless it comes over loopback or
 /// from the pod's own address, because the mesh carries IPv4 only. The program runs
 /// only in enrolled pods, so no enrolled app receives plaintext over IPv6. Returns 1 (`SK_PASS`) to go on with the lookup, with or
-/// without an assigned socket, and 0 (`SK_DROP`) to reset.
+/// without an assigned socket, and 0 (`SK_DROP`) to reset. Each drop is reported in
+/// [`INBOUND_REJECTS`].
 ///
 /// # Minimum kernel version
 ///
-/// 5.9, for `sk_lookup` programs and `SOCKHASH` lookups in them.
+/// 5.9, for `sk_lookup` programs and `SOCKHASH` lookups in them (the ring buffer needs
+/// 5.8).
 #[sk_lookup]
 pub fn interceptor_sk_lookup(ctx: SkLookupContext) -> u32 {
     try_sk_lookup(&ctx).unwrap_or(SK_DROP)
@@ -76,21 +84,31 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> Result<u32, ()> {
     if client_be == pod_addr_be || is_delivery(lookup, pod_addr_be, port) {
         return Ok(SK_PASS);
     }
+    let rejection = InboundReject {
+        pod_addr_be: [pod_addr_be, 0, 0, 0],
+        client_addr_be: [client_be, 0, 0, 0],
+        family: AF_INET,
+        client_port: u16::from_be(lookup.remote_port),
+        pod_port: port,
+        ..InboundReject::default()
+    };
 
     if port == pod.tunnel_port {
-        return assign(ctx, pod_addr_be, LISTENER_TUNNEL);
+        return Ok(assign(ctx, pod_addr_be, LISTENER_TUNNEL, rejection));
     }
     if pod.exclude.matches(client_be, port) || is_probe(&pod, client_be, port) {
         return Ok(SK_PASS);
     }
     if pod.mode == INBOUND_STRICT {
+        report(rejection, REJECT_STRICT_PLAINTEXT);
         return Ok(SK_DROP);
     }
-    assign(ctx, pod_addr_be, LISTENER_PLAINTEXT)
+    Ok(assign(ctx, pod_addr_be, LISTENER_PLAINTEXT, rejection))
 }
 
-/// Passes IPv6 connections to `::1` or from the pod's own address and drops the rest.
-fn ipv6_verdict(lookup: &aya_ebpf::bindings::bpf_sk_lookup) -> u32 {
+/// Passes IPv6 connections to `::1` or from the pod's own address and drops (and
+/// reports) the rest.
+fn ipv6_verdict(lookup: &bpf_sk_lookup) -> u32 {
     // Verifier: the context allows only 4-byte loads of the address words, so each
     // word is read on its own rather than the arrays compared as a whole.
     let local = [
@@ -109,11 +127,20 @@ fn ipv6_verdict(lookup: &aya_ebpf::bindings::bpf_sk_lookup) -> u32 {
     if loopback || local == remote {
         SK_PASS
     } else {
+        let rejection = InboundReject {
+            pod_addr_be: local,
+            client_addr_be: remote,
+            family: AF_INET6,
+            client_port: u16::from_be(lookup.remote_port),
+            pod_port: lookup.local_port as u16,
+            ..InboundReject::default()
+        };
+        report(rejection, REJECT_IPV6);
         SK_DROP
     }
 }
 
-fn is_delivery(lookup: &aya_ebpf::bindings::bpf_sk_lookup, pod_addr_be: u32, port: u16) -> bool {
+fn is_delivery(lookup: &bpf_sk_lookup, pod_addr_be: u32, port: u16) -> bool {
     let key = DeliveryKey {
         client_addr_be: lookup.remote_ip4,
         pod_addr_be,
@@ -130,11 +157,43 @@ fn is_probe(pod: &InboundPod, client_be: u32, port: u16) -> bool {
         && contains_port(&pod.probe_ports, port)
 }
 
-/// Assigns the daemon's listener `kind` for the pod; drops when it is missing.
-fn assign(ctx: &SkLookupContext, pod_addr_be: u32, kind: u32) -> Result<u32, ()> {
+/// Assigns the daemon's listener `kind` for the pod; drops and reports `rejection`
+/// when the listener is missing.
+fn assign(ctx: &SkLookupContext, pod_addr_be: u32, kind: u32, rejection: InboundReject) -> u32 {
     let key = ListenerKey { pod_addr_be, kind };
     match LISTENERS.redirect_sk_lookup(ctx, key, 0) {
-        Ok(()) => Ok(SK_PASS),
-        Err(_) => Ok(SK_DROP),
+        Ok(()) => SK_PASS,
+        Err(_) => {
+            report(rejection, REJECT_NO_LISTENER);
+            SK_DROP
+        }
+    }
+}
+
+/// Writes `rejection` with `reason` and the current time to [`INBOUND_REJECTS`]. When
+/// the ring buffer is full the record is lost and counted in [`INBOUND_REJECTS_LOST`];
+/// the lookup never waits for the daemon.
+///
+/// Verifier: the callers copy the context's fields into `rejection` where they read
+/// them anyway. Reading them here made LLVM load through a context pointer plus an
+/// offset, which the verifier rejects ("dereference of modified ctx ptr").
+fn report(mut rejection: InboundReject, reason: u32) {
+    let Some(mut entry) = INBOUND_REJECTS.reserve::<InboundReject>(0) else {
+        count_lost();
+        return;
+    };
+    rejection.reason = reason;
+    // SAFETY: the helper takes no arguments and only reads the clock.
+    rejection.time_ns = unsafe { bpf_ktime_get_ns() };
+    entry.write(rejection);
+    entry.submit(0);
+}
+
+fn count_lost() {
+    if let Some(lost) = INBOUND_REJECTS_LOST.get_ptr_mut(0) {
+        // SAFETY: the pointer is valid for the map's life. The kernel runs the program
+        // in the TCP receive path with CPU migration and bottom halves disabled, so no
+        // other writer touches this CPU's slot meanwhile.
+        unsafe { *lost += 1 };
     }
 }

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -52,8 +52,8 @@ struct SvidState {
     renewals_failed: u64,
 }
 
-/// Counters of closed connections, by [`ConnectionLabels`], and the state of the
-/// workloads' SVIDs.
+/// Counters of closed connections, by [`ConnectionLabels`], the state of the
+/// workloads' SVIDs, and the inbound connections the `sk_lookup` program rejected.
 #[derive(Debug, Default)]
 pub struct Metrics {
     closed: Mutex<BTreeMap<ConnectionLabels, Counters>>,
@@ -61,6 +61,10 @@ pub struct Metrics {
     svids: Mutex<BTreeMap<String, SvidState>>,
     /// This node's clock minus the CA's at the CA's last response, in seconds.
     clock_skew_seconds: AtomicI64,
+    /// Rejections by (workload, reason).
+    rejected: Mutex<BTreeMap<(String, &'static str), u64>>,
+    /// Rejection records lost because the ring buffer was full, as last read.
+    rejections_lost: AtomicU64,
 }
 
 impl Metrics {
@@ -113,6 +117,20 @@ impl Metrics {
     /// Records this node's clock minus the CA's, in seconds.
     pub fn record_clock_skew(&self, seconds: i64) {
         self.clock_skew_seconds.store(seconds, Ordering::Relaxed);
+    }
+
+    /// Counts one inbound connection that the `sk_lookup` program rejected.
+    pub fn record_rejection(&self, workload: &str, reason: &'static str) {
+        let mut rejected = self
+            .rejected
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        *rejected.entry((workload.to_owned(), reason)).or_default() += 1;
+    }
+
+    /// Sets the number of rejection records lost so far, read from the kernel's counter.
+    pub fn set_rejections_lost(&self, total: u64) {
+        self.rejections_lost.store(total, Ordering::Relaxed);
     }
 
     /// Renders every metric in the Prometheus text format, with what the kernel supports
@@ -189,8 +207,43 @@ impl Metrics {
                 u8::from(value)
             );
         }
+        self.render_rejections(&mut out);
         out
     }
+
+    fn render_rejections(&self, out: &mut String) {
+        let name = "interceptor_inbound_rejected_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Inbound connections the sk_lookup program reset, by workload and reason.\n# TYPE {name} counter"
+        );
+        let rejected = self
+            .rejected
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        for ((workload, reason), count) in rejected.iter() {
+            let _ = writeln!(
+                out,
+                "{name}{{workload=\"{}\",reason=\"{reason}\"}} {count}",
+                escape_label(workload)
+            );
+        }
+        let name = "interceptor_inbound_rejections_lost_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Inbound rejections not logged or counted by workload, because the ring buffer was full.\n# TYPE {name} counter\n{name} {}",
+            self.rejections_lost.load(Ordering::Relaxed)
+        );
+    }
+}
+
+/// Escapes a label value for the Prometheus text format, where backslash, double quote
+/// and line feed must be written as `\\`, `\"` and `\n`.
+fn escape_label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 impl Metrics {
@@ -219,6 +272,7 @@ impl Metrics {
             "# HELP {name} Seconds until the workload's SVID expires; negative once expired.\n# TYPE {name} gauge"
         );
         for (workload, state) in svids.iter() {
+            let workload = escape_label(workload);
             let _ = writeln!(
                 out,
                 "{name}{{workload=\"{workload}\"}} {:.0}",
@@ -232,6 +286,7 @@ impl Metrics {
             "# HELP {name} 1 when less than a quarter of the SVID's lifetime remains.\n# TYPE {name} gauge"
         );
         for (workload, state) in svids.iter() {
+            let workload = escape_label(workload);
             let near = remaining(state) < state.lifetime.as_secs_f64() / 4.0;
             let _ = writeln!(out, "{name}{{workload=\"{workload}\"}} {}", u8::from(near));
         }
@@ -242,6 +297,7 @@ impl Metrics {
             "# HELP {name} SVID renewal attempts, by result.\n# TYPE {name} counter"
         );
         for (workload, state) in svids.iter() {
+            let workload = escape_label(workload);
             let _ = writeln!(
                 out,
                 "{name}{{workload=\"{workload}\",result=\"ok\"}} {}\n{name}{{workload=\"{workload}\",result=\"error\"}} {}",
@@ -408,6 +464,37 @@ mod tests {
             .and_then(|value| value.parse().ok())
             .expect("a number");
         assert!((88.0..=90.0).contains(&seconds), "{expiry}");
+    }
+
+    #[test]
+    fn rejections_are_counted_per_workload_and_reason() {
+        let metrics = Metrics::default();
+        metrics.record_rejection("web", "strict_plaintext");
+        metrics.record_rejection("web", "strict_plaintext");
+        metrics.record_rejection("web", "no_listener");
+        metrics.set_rejections_lost(3);
+
+        let text = metrics.render(&ktls::Support::none("test"));
+
+        assert!(
+            text.contains("interceptor_inbound_rejected_total{workload=\"web\",reason=\"strict_plaintext\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "interceptor_inbound_rejected_total{workload=\"web\",reason=\"no_listener\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("interceptor_inbound_rejections_lost_total 3"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(escape_label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
     }
 
     #[test]

@@ -30,6 +30,7 @@ use crate::inbound;
 use crate::ktls;
 use crate::netns::Netns;
 use crate::policy::{self, Policies, PolicyStore, PolicyWatcher, DEFAULT_ROOT_NAMESPACE};
+use crate::rejections;
 use crate::relay::BufferPool;
 use crate::tls::TunnelOptions;
 use crate::tunnel::{self, LocalWorkload, OrigDstSource, Shared, TlsConfigs};
@@ -226,6 +227,7 @@ pub async fn run(config: RunConfig) -> Result<(), Error> {
     programs.set_outbound_exclusions(&outbound_exclusions)?;
     programs.set_inbound(&inbound_pods)?;
     programs.set_enrolled(&enrolled)?;
+    let rejection_maps = programs.take_rejection_maps();
     info!(
         node = %node.name,
         cgroup = %node_cgroup.display(),
@@ -253,6 +255,13 @@ pub async fn run(config: RunConfig) -> Result<(), Error> {
         None => Arc::new(PolicyStore::new(Policies::empty(DEFAULT_ROOT_NAMESPACE))),
     };
     let shared = Arc::new(shared);
+    if let Some(maps) = rejection_maps {
+        tokio::spawn(rejections::watch(
+            maps,
+            locals.clone(),
+            Arc::clone(&shared.metrics),
+        ));
+    }
     if let Some(watcher) = policy_watcher {
         if config.policy_reload_cuts_denied {
             tokio::spawn(policy::cut_denied_on_reload(

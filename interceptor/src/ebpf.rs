@@ -21,14 +21,15 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use aya::maps::{HashMap, MapData, SockHash};
+use aya::maps::{HashMap, MapData, PerCpuArray, RingBuf, SockHash};
 use aya::programs::links::{CgroupAttachMode, FdLink};
 use aya::programs::{CgroupSockAddr, SkLookup, SockOps};
 use aya::{Ebpf, EbpfLoader};
 use interceptor_common::{
     ConnKey, DeliveryKey, EnrolledCgroup, Exclusions, InboundPod, ListenerKey, OrigDst,
-    CONNECT4_PROG, CONNECT6_PROG, DELIVERY_MAP, ENROLLED_MAP, INBOUND_MAP, LISTENERS_MAP,
-    ORIG_DST_MAP, OUTBOUND_EXCLUDE_MAP, SK_LOOKUP_PROG, SOCK_OPS_PROG,
+    CONNECT4_PROG, CONNECT6_PROG, DELIVERY_MAP, ENROLLED_MAP, INBOUND_MAP,
+    INBOUND_REJECTS_LOST_MAP, INBOUND_REJECTS_MAP, LISTENERS_MAP, ORIG_DST_MAP,
+    OUTBOUND_EXCLUDE_MAP, SK_LOOKUP_PROG, SOCK_OPS_PROG,
 };
 use tracing::{info, warn};
 
@@ -222,6 +223,14 @@ pub struct PodNetns {
     pub cookie: u64,
 }
 
+/// The maps through which the `sk_lookup` program reports the connections it rejects.
+pub struct RejectionMaps {
+    /// `InboundReject` records, oldest first.
+    pub records: RingBuf<MapData>,
+    /// Records lost because `records` was full, per CPU in slot 0.
+    pub lost: PerCpuArray<MapData, u64>,
+}
+
 /// The node's loaded programs and the maps the daemon uses while it runs.
 pub struct NodePrograms {
     _ebpf: Ebpf,
@@ -231,6 +240,8 @@ pub struct NodePrograms {
     inbound: Mutex<HashMap<MapData, u32, InboundPod>>,
     listeners: Mutex<SockHash<MapData, ListenerKey>>,
     delivery: Mutex<HashMap<MapData, DeliveryKey, u32>>,
+    /// Taken once by the task that reads them ([`NodePrograms::take_rejection_maps`]).
+    rejections: Mutex<Option<RejectionMaps>>,
 }
 
 impl std::fmt::Debug for NodePrograms {
@@ -328,6 +339,7 @@ impl NodePrograms {
             source,
         })?;
         let delivery = take_hash_map(&mut ebpf, DELIVERY_MAP)?;
+        let rejections = take_rejection_maps(&mut ebpf)?;
         Ok(Self {
             _ebpf: ebpf,
             enrolled: Mutex::new(enrolled),
@@ -336,7 +348,14 @@ impl NodePrograms {
             inbound: Mutex::new(inbound),
             listeners: Mutex::new(listeners),
             delivery: Mutex::new(delivery),
+            rejections: Mutex::new(Some(rejections)),
         })
+    }
+
+    /// Takes the maps of the `sk_lookup` program's rejection reports, for the one task
+    /// that reads them; `None` once taken.
+    pub fn take_rejection_maps(&self) -> Option<RejectionMaps> {
+        lock(&self.rejections).take()
     }
 
     /// Makes the outbound exclusion map hold exactly `entries`, keyed by cgroup id.
@@ -492,6 +511,28 @@ fn take_hash_map<K: aya::Pod, V: aya::Pod>(
 ) -> Result<HashMap<MapData, K, V>, Error> {
     let map = ebpf.take_map(name).ok_or(Error::MissingMap { name })?;
     HashMap::try_from(map).map_err(|source| Error::Map { name, source })
+}
+
+fn take_rejection_maps(ebpf: &mut Ebpf) -> Result<RejectionMaps, Error> {
+    let records = ebpf
+        .take_map(INBOUND_REJECTS_MAP)
+        .ok_or(Error::MissingMap {
+            name: INBOUND_REJECTS_MAP,
+        })?;
+    let records = RingBuf::try_from(records).map_err(|source| Error::Map {
+        name: INBOUND_REJECTS_MAP,
+        source,
+    })?;
+    let lost = ebpf
+        .take_map(INBOUND_REJECTS_LOST_MAP)
+        .ok_or(Error::MissingMap {
+            name: INBOUND_REJECTS_LOST_MAP,
+        })?;
+    let lost = PerCpuArray::try_from(lost).map_err(|source| Error::Map {
+        name: INBOUND_REJECTS_LOST_MAP,
+        source,
+    })?;
+    Ok(RejectionMaps { records, lost })
 }
 
 /// Unpins links of `program` pinned for another cgroup id: that cgroup was removed and

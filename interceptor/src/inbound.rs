@@ -32,6 +32,10 @@
 //! daemon checks the policies with no identity (plaintext has none, so only address
 //! and port rules can match), connects to the app at once (server-first protocols
 //! work, since no client byte is awaited) and relays.
+//!
+//! The connections that `sk_lookup` resets without involving the daemon (plaintext to
+//! strict workloads, IPv6, a missing listener) are logged and counted by
+//! [`crate::rejections`].
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};

@@ -13,6 +13,7 @@ pub mod ktls;
 pub mod netns;
 pub mod policy;
 pub mod protocol;
+pub mod rejections;
 pub mod relay;
 pub mod sidecar;
 pub mod splice;

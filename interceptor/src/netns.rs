@@ -7,7 +7,7 @@
 
 use std::fs::File;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{Ipv6Addr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -79,6 +79,7 @@ pub fn netns_cookie(socket: &Socket) -> io::Result<u64> {
 
 enum Request {
     TcpSocket(oneshot::Sender<io::Result<Socket>>),
+    Ipv6Addrs(oneshot::Sender<io::Result<Vec<Ipv6Addr>>>),
 }
 
 /// A thread that lives in one network namespace and creates sockets there.
@@ -94,7 +95,10 @@ pub const CURRENT: &str = "/proc/self/ns/net";
 
 impl std::fmt::Debug for Request {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Request::TcpSocket")
+        f.write_str(match self {
+            Self::TcpSocket(_) => "Request::TcpSocket",
+            Self::Ipv6Addrs(_) => "Request::Ipv6Addrs",
+        })
     }
 }
 
@@ -131,6 +135,9 @@ impl Netns {
                         Request::TcpSocket(reply) => {
                             let _ = reply.send(tcp_socket(mark));
                         }
+                        Request::Ipv6Addrs(reply) => {
+                            let _ = reply.send(ipv6_addrs());
+                        }
                     }
                 }
             })
@@ -156,16 +163,26 @@ impl Netns {
     /// Creates a non-blocking IPv4 TCP socket in the namespace.
     pub async fn tcp_socket(&self) -> io::Result<Socket> {
         let (reply, response) = oneshot::channel();
-        let stopped = || {
-            io::Error::other(format!(
-                "the thread of network namespace {} has stopped",
-                self.path.display()
-            ))
-        };
         self.requests
             .send(Request::TcpSocket(reply))
-            .map_err(|_| stopped())?;
-        response.await.map_err(|_| stopped())?
+            .map_err(|_| self.stopped())?;
+        response.await.map_err(|_| self.stopped())?
+    }
+
+    /// Returns the IPv6 addresses of the namespace's interfaces.
+    pub async fn ipv6_addrs(&self) -> io::Result<Vec<Ipv6Addr>> {
+        let (reply, response) = oneshot::channel();
+        self.requests
+            .send(Request::Ipv6Addrs(reply))
+            .map_err(|_| self.stopped())?;
+        response.await.map_err(|_| self.stopped())?
+    }
+
+    fn stopped(&self) -> io::Error {
+        io::Error::other(format!(
+            "the thread of network namespace {} has stopped",
+            self.path.display()
+        ))
     }
 
     /// Binds a non-blocking TCP listener to `addr` in the namespace.
@@ -182,6 +199,31 @@ impl Netns {
     }
 }
 
+/// Reads the IPv6 addresses of the calling thread's network namespace from
+/// `/proc/thread-self/net/if_inet6`. A missing file means the kernel has no IPv6.
+fn ipv6_addrs() -> io::Result<Vec<Ipv6Addr>> {
+    match std::fs::read_to_string("/proc/thread-self/net/if_inet6") {
+        Ok(text) => Ok(parse_if_inet6(&text)),
+        Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(error) => Err(error),
+    }
+}
+
+/// Parses `if_inet6` lines such as
+/// `fe800000000000000000000000000001 02 40 20 80 eth0`, whose first field is the
+/// address in 32 hex digits; lines that do not parse are skipped.
+fn parse_if_inet6(text: &str) -> Vec<Ipv6Addr> {
+    text.lines()
+        .filter_map(|line| line.split_whitespace().next())
+        .filter_map(|hex| {
+            u128::from_str_radix(hex, 16)
+                .ok()
+                .filter(|_| hex.len() == 32)
+        })
+        .map(Ipv6Addr::from)
+        .collect()
+}
+
 fn tcp_socket(mark: Option<u32>) -> io::Result<Socket> {
     let socket = Socket::new(
         Domain::IPV4,
@@ -193,4 +235,28 @@ fn tcp_socket(mark: Option<u32>) -> io::Result<Socket> {
         socket.set_mark(mark)?;
     }
     Ok(socket)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn if_inet6_lines_parse_to_addresses() {
+        let text = "00000000000000000000000000000001 01 80 10 80       lo\n\
+                    fe80000000000000d4a1b2fffec3d4e5 02 40 20 80     eth0\n\
+                    not-an-address 03 40 20 80 eth1\n";
+
+        let addrs = parse_if_inet6(text);
+
+        assert_eq!(
+            addrs,
+            [
+                Ipv6Addr::LOCALHOST,
+                "fe80::d4a1:b2ff:fec3:d4e5"
+                    .parse::<Ipv6Addr>()
+                    .expect("address"),
+            ]
+        );
+    }
 }
