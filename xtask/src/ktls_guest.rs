@@ -23,8 +23,10 @@ pub const STAGE: &str = "kTLS guest";
 const GUEST_TESTS: &[(&str, &[&str])] = &[
     ("interceptor", &["--lib", "--bins"]),
     ("interceptor-tests", &["--test", "e2e"]),
-    // sk_lookup and transparent delivery on the stock kernel, the oldest one tested.
+    // sk_lookup, transparent delivery and the rejection ring buffer on the stock
+    // kernel, the oldest one tested.
     ("interceptor-tests", &["--test", "inbound"]),
+    ("interceptor-tests", &["--test", "rejections"]),
 ];
 
 /// `INTERCEPTOR_TIME_SCALE` in the guest, unless the caller sets it: TCG runs code 10
