@@ -4,13 +4,22 @@
 //! The demo builds island `demo` (`10.200.0.0/16`, see `scripts/topology.sh`), enrolls
 //! every pod, starts one daemon per node with its work files in `target/demo`, and starts
 //! three servers. While tcpdump captures two of node 1's interfaces, three clients run:
-//! a cross-node echo, a cross-node server-first banner, and a same-node echo. It then
-//! reads both daemons' close events and the captures, prints a PASS or FAIL line per
-//! check, and fails when any check fails.
+//! a cross-node echo, a cross-node server-first banner, and a same-node echo.
+//!
+//! An access-control act follows. Workload `demo-n2-p1` is STRICT and labelled
+//! `app=echo`, and the daemons load one DENY policy for the principal of `demo-n1-p2`
+//! (service account `p2`) to it. A plaintext client in node `demo-n1`'s own namespace
+//! and the mesh client `demo-n1-p2` connect to `demo-n2-p1:8080`. Both must be reset,
+//! and node 2's daemon must log a `connection rejected` event for the first and a close
+//! event denied by the policy for the second.
+//!
+//! The demo then reads both daemons' logs and the captures, prints a PASS or FAIL line
+//! per check, and fails when any check fails.
 //!
 //! Everything is removed at the end, after a failure, and on SIGINT, SIGTERM or SIGHUP,
 //! unless `--keep` is given.
 
+mod access;
 mod close_events;
 mod report;
 mod traffic;
@@ -127,9 +136,20 @@ fn spiffe_id(pod: &Pod) -> String {
 /// The island with its mesh and servers. Fields drop in order: servers stop before the
 /// daemons, and the daemons before the namespaces go.
 struct Running {
-    servers: Vec<PeerServer>,
+    /// Each server with the name of the pod it runs in.
+    servers: Vec<(String, PeerServer)>,
     mesh: Mesh,
     island: Island,
+}
+
+impl Running {
+    /// Returns the server running in pod `pod_name`.
+    fn server(&self, pod_name: &str) -> Option<&PeerServer> {
+        self.servers
+            .iter()
+            .find(|(name, _)| name == pod_name)
+            .map(|(_, server)| server)
+    }
 }
 
 /// Owns [`Running`] and removes it under [`STATE_LOCK`] when dropped.
@@ -139,7 +159,7 @@ struct Demo {
 
 impl Demo {
     /// Builds the island (removing stale state of the prefix first), enrolls every pod,
-    /// starts the daemons and the servers.
+    /// writes the policy file, starts the daemons and the servers.
     fn start(work_dir: &Path) -> anyhow::Result<Demo> {
         let spec = IslandSpec {
             prefix: PREFIX.to_owned(),
@@ -154,7 +174,16 @@ impl Demo {
         }
         let island = locked(|| Island::up(spec)).context("building island demo")?;
         let enrolled: Vec<&Pod> = island.pods().iter().collect();
-        let mesh = locked(|| Mesh::start(&island, work_dir, &enrolled, &[]));
+        let policies = match access::write_policy_file(work_dir) {
+            Ok(path) => path.to_string_lossy().into_owned(),
+            Err(err) => {
+                locked(|| drop(island));
+                return Err(err);
+            }
+        };
+        let extras = access::directory_extras(&island);
+        let daemon_args = ["--policies", policies.as_str()];
+        let mesh = locked(|| Mesh::start_with(&island, work_dir, &enrolled, &extras, &daemon_args));
         let mesh = match mesh {
             Ok(mesh) => mesh,
             Err(err) => {
@@ -176,7 +205,7 @@ impl Demo {
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             let server = locked(|| PeerServer::start(&running.island, &pod, &args))
                 .with_context(|| format!("starting mesh-peer {} in {}", args[0], pod.name))?;
-            running.servers.push(server);
+            running.servers.push((pod.name, server));
         }
         Ok(demo)
     }

@@ -1,5 +1,5 @@
-//! The daemons' log lines that the demo reads: `connection closed` events and the
-//! `daemon started` line, in tracing-subscriber's text format.
+//! The daemons' log lines that the demo reads: `connection closed` and `connection
+//! rejected` events and the `daemon started` line, in tracing-subscriber's text format.
 
 use std::collections::HashMap;
 
@@ -32,6 +32,8 @@ pub(super) struct CloseEvent {
     pub(super) dst: String,
     pub(super) src_identity: String,
     pub(super) dst_identity: String,
+    /// `namespace/name` of the policy that decided on an inbound connection.
+    pub(super) policy: String,
     pub(super) mode: String,
     pub(super) tls: String,
     /// The cipher kernel TLS runs, empty when rustls carries the tunnel.
@@ -71,6 +73,7 @@ pub(super) fn parse_close_event(node: &str, line: &str) -> Option<CloseEvent> {
         dst: text("dst"),
         src_identity: text("src_identity"),
         dst_identity: text("dst_identity"),
+        policy: text("policy"),
         mode: text("mode"),
         tls: text("tls"),
         cipher: text("cipher"),
@@ -78,6 +81,32 @@ pub(super) fn parse_close_event(node: &str, line: &str) -> Option<CloseEvent> {
         bytes_received: number("bytes_received"),
         duration_ms: number("duration_ms"),
         error: fields.get("error").cloned(),
+    })
+}
+
+/// One `connection rejected` event: an inbound connection that the `sk_lookup` program
+/// reset in the kernel.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(super) struct Rejection {
+    pub(super) workload: String,
+    /// The client's address and port.
+    pub(super) src: String,
+    /// The pod's address and port.
+    pub(super) dst: String,
+    pub(super) reason: String,
+}
+
+/// Parses a log line such as `INFO connection rejected workload="w" src="10.200.0.1:4000"
+/// dst="10.200.2.11:8080" reason="strict_plaintext" age_ms=0`.
+pub(super) fn parse_rejection(line: &str) -> Option<Rejection> {
+    let (_, tail) = line.split_once("connection rejected ")?;
+    let mut fields = parse_fields(tail);
+    let mut take = |key: &str| fields.remove(key).unwrap_or_default();
+    Some(Rejection {
+        workload: take("workload"),
+        src: take("src"),
+        dst: take("dst"),
+        reason: take("reason"),
     })
 }
 
@@ -219,6 +248,41 @@ mod tests {
         let event = parse_close_event("demo-n2", &line).expect("a close event");
 
         assert_eq!(event.client_server_bytes(), (300001, 300000));
+    }
+
+    #[test]
+    fn close_event_denial_parsed() {
+        let line = format!(
+            "{} policy=\"default/deny-p2\" dry_run=\"\" error=denied by policy default/deny-p2",
+            CLOSED.replace("dir=\"outbound\"", "dir=\"inbound\"")
+        );
+
+        let event = parse_close_event("demo-n2", &line).expect("a close event");
+
+        assert_eq!(event.policy, "default/deny-p2");
+        assert_eq!(
+            event.error.as_deref(),
+            Some("denied by policy default/deny-p2")
+        );
+    }
+
+    #[test]
+    fn rejection_fields_parsed() {
+        let line = "2026-01-01T00:00:00.000000Z  INFO connection rejected \
+                    workload=\"demo-n2-p1\" src=\"10.200.0.1:40000\" dst=\"10.200.2.11:8080\" \
+                    reason=\"strict_plaintext\" age_ms=0";
+
+        let rejection = parse_rejection(line).expect("a rejection");
+
+        assert_eq!(rejection.workload, "demo-n2-p1");
+        assert_eq!(rejection.src, "10.200.0.1:40000");
+        assert_eq!(rejection.dst, "10.200.2.11:8080");
+        assert_eq!(rejection.reason, "strict_plaintext");
+    }
+
+    #[test]
+    fn other_lines_not_rejections() {
+        assert_eq!(parse_rejection(CLOSED), None);
     }
 
     #[test]

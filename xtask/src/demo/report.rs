@@ -1,9 +1,12 @@
 //! The demo's checks and its printed account.
 
+mod access;
+
 use std::fmt::Write as _;
 
 use anyhow::bail;
 
+use super::access::AccessControl;
 use super::close_events::{find_event, CloseEvent, Direction};
 use super::traffic::{cleartext_markers, CaptureFacts, FlowRun, TlsStat};
 use super::*;
@@ -18,6 +21,7 @@ pub(super) struct Report {
     pub(super) pod_link: CaptureFacts,
     pub(super) available_ulp: String,
     pub(super) tls_stats: Vec<TlsStat>,
+    pub(super) access: AccessControl,
 }
 
 /// One PASS or FAIL line of the output.
@@ -48,6 +52,7 @@ impl Report {
         let mut checks: Vec<Check> = self.runs.iter().map(|run| self.check_run(run)).collect();
         checks.extend(self.check_wire());
         checks.push(check_pod_link(&self.pod_link));
+        checks.extend(self.access.checks());
         checks
     }
 
@@ -137,6 +142,8 @@ impl Report {
         for line in self.kernel_tls_lines() {
             let _ = writeln!(out, "  {line}");
         }
+
+        self.access.render(&mut out);
 
         let checks = self.checks();
         let _ = writeln!(out, "\nChecks");

@@ -1,5 +1,5 @@
 //! The demo's traffic and what it leaves behind: the clients' results, the daemons'
-//! close events, the captures and the kernel TLS counters.
+//! close events, the captures, the kernel TLS counters and the access-control act.
 
 use std::net::SocketAddrV4;
 use std::path::Path;
@@ -96,7 +96,9 @@ pub(super) struct TlsStat {
 }
 
 /// Runs the clients while tcpdump captures node 1's `wire` and pod 1's link, then
-/// collects the daemons' close events and what the captures show.
+/// collects the daemons' close events and what the captures show. The access-control
+/// act runs last, after the captures stopped and the flows' close events were read,
+/// so its connections count in neither.
 pub(super) fn exercise(running: &Running, work_dir: &Path) -> anyhow::Result<Report> {
     let island = &running.island;
     let node1 = &island.node(1).netns_path;
@@ -132,6 +134,7 @@ pub(super) fn exercise(running: &Running, work_dir: &Path) -> anyhow::Result<Rep
     {
         tls_stats.push(read_tls_stat(namespace.0, namespace.1)?);
     }
+    let access = access::exercise(running).context("running the access-control act")?;
     Ok(Report {
         runs,
         events,
@@ -140,6 +143,7 @@ pub(super) fn exercise(running: &Running, work_dir: &Path) -> anyhow::Result<Rep
         pod_link: inspect_capture(&pod_link_pcap),
         available_ulp,
         tls_stats,
+        access,
     })
 }
 
