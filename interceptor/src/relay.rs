@@ -17,6 +17,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
@@ -357,12 +358,48 @@ where
             }
         }
     };
-    let result = tokio::try_join!(upstream, downstream).map(|_| ());
+    let result = join_preferring_status(upstream, downstream, await_status, tunnel_name).await;
     if result.is_err() {
         set_reset_on_close(app_socket.raw_fd());
         set_reset_on_close(tunnel_socket.raw_fd());
     }
     (moved, result)
+}
+
+/// How long a relay whose write to the tunnel failed waits for the server's status,
+/// which explains the failure when the server refused the connection.
+const STATUS_GRACE: Duration = Duration::from_secs(1);
+
+/// Runs both directions until both end or one fails, like `try_join!`, except in one
+/// case. When the server refuses a connection (policy denial, refused port), it sends
+/// its status and closes the tunnel, so writing the app's early bytes can fail before
+/// the status is read. The status then names the real cause, so it is awaited for up to
+/// [`STATUS_GRACE`] and reported in place of the write error.
+async fn join_preferring_status(
+    upstream: impl Future<Output = Result<(), Error>>,
+    downstream: impl Future<Output = Result<(), Error>>,
+    await_status: bool,
+    tunnel_name: &'static str,
+) -> Result<(), Error> {
+    tokio::pin!(upstream);
+    tokio::pin!(downstream);
+    tokio::select! {
+        result = &mut upstream => match result {
+            Ok(()) => downstream.await,
+            Err(Error::Write { side, source }) if await_status && side == tunnel_name => {
+                let write_error = Error::Write { side, source };
+                match tokio::time::timeout(STATUS_GRACE, &mut downstream).await {
+                    Ok(Err(rejected @ Error::Rejected { .. })) => Err(rejected),
+                    _ => Err(write_error),
+                }
+            }
+            Err(error) => Err(error),
+        },
+        result = &mut downstream => match result {
+            Ok(()) => upstream.await,
+            Err(error) => Err(error),
+        },
+    }
 }
 
 struct Side {
@@ -478,6 +515,90 @@ mod tests {
             name,
             tls: false,
         }
+    }
+
+    /// A server that refuses: it sends the `Denied` status and closes without reading,
+    /// so the relay's writes of the app's bytes fail with a reset. The relay must still
+    /// report the status, which names the cause.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn relay_reports_status_over_write_error() {
+        let refusing = StdListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind server");
+        let server_addr = refusing.local_addr().expect("server address");
+        std::thread::spawn(move || {
+            let (mut stream, _) = refusing.accept().expect("accept on server");
+            // Unread bytes at close make the kernel send a reset.
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            stream
+                .write_all(&crate::protocol::Status::Denied.encode())
+                .expect("write status");
+        });
+
+        let (app, mut client) = connected_pair().await;
+        let tunnel = TcpStream::connect(server_addr)
+            .await
+            .expect("connect server");
+        let writer = tokio::spawn(async move {
+            let chunk = vec![7u8; 65536];
+            // Fails once the relay resets the app's socket.
+            while client.write_all(&chunk).await.is_ok() {}
+        });
+        let pool = BufferPool::new(8);
+        let (_, result) = tokio::time::timeout(
+            std::time::Duration::from_secs(20),
+            relay(end(app, "app"), end(tunnel, "tunnel"), &pool, true, None),
+        )
+        .await
+        .expect("relay ended");
+        writer.await.expect("writer task");
+        assert!(
+            matches!(
+                result,
+                Err(Error::Rejected {
+                    status: crate::protocol::Status::Denied
+                })
+            ),
+            "{result:?}"
+        );
+    }
+
+    /// The write error comes first and the status 100 ms later: the status wins. A
+    /// failure of another kind, or without a status to wait for, is reported as is.
+    #[tokio::test]
+    async fn status_wins_over_earlier_tunnel_write_error() {
+        let write_error = || async {
+            Err(Error::Write {
+                side: "tunnel",
+                source: io::Error::from(io::ErrorKind::BrokenPipe),
+            })
+        };
+        let denied_later = || async {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            Err(Error::Rejected {
+                status: crate::protocol::Status::Denied,
+            })
+        };
+
+        let result = join_preferring_status(write_error(), denied_later(), true, "tunnel").await;
+        assert!(matches!(result, Err(Error::Rejected { .. })), "{result:?}");
+
+        let result = join_preferring_status(write_error(), denied_later(), false, "tunnel").await;
+        assert!(matches!(result, Err(Error::Write { .. })), "{result:?}");
+
+        let result = join_preferring_status(write_error(), denied_later(), true, "upstream").await;
+        assert!(matches!(result, Err(Error::Write { .. })), "{result:?}");
+    }
+
+    /// Returns both ends of a loopback TCP connection.
+    async fn connected_pair() -> (TcpStream, TcpStream) {
+        let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .await
+            .expect("bind pair listener");
+        let addr = listener.local_addr().expect("pair address");
+        let (accepted, connected) = tokio::join!(listener.accept(), TcpStream::connect(addr));
+        (
+            accepted.expect("accept pair").0,
+            connected.expect("connect pair"),
+        )
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

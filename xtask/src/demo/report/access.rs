@@ -72,8 +72,6 @@ impl AccessControl {
             spiffe_id(&denied.server)
         );
         render_denied_event(out, Direction::Inbound, denied.inbound.as_ref());
-        // NOTE: node 1's error depends on a race in its relay. It is `the destination
-        // answered denied` when the relay reads the status first, else a failed write.
         render_denied_event(out, Direction::Outbound, denied.outbound.as_ref());
     }
 }
