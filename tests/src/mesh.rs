@@ -567,7 +567,8 @@ pub(crate) fn terminate(child: &mut Child) -> io::Result<()> {
     child.wait().map(|_| ())
 }
 
-pub(crate) fn tail(text: &str, lines: usize) -> String {
+/// Returns the last `lines` lines of `text`, for failure messages that show a log.
+pub fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
 }
