@@ -100,6 +100,19 @@ pub fn accepted_so_far(server: &PeerServer, ip: &str) -> bool {
     accepted_count(server, ip) > 0
 }
 
+/// Asserts that the client run of `case` printed `line` for a connection that was
+/// reset or refused, and that it took less than 1 s (scaled), so no timeout ended it.
+pub fn assert_quick_reset(case: &str, line: &str, took: Duration) {
+    assert!(
+        line.starts_with("result=reset") || line.starts_with("result=refused"),
+        "{case}: expected a reset, got {line:?}"
+    );
+    assert!(
+        took < scaled(Duration::from_secs(1)),
+        "{case}: the reset took {took:?}"
+    );
+}
+
 /// Polls `condition` every 50 ms until it holds, and panics naming `what` after 10 s
 /// (scaled).
 pub fn wait_until(what: &str, condition: impl Fn() -> bool) {

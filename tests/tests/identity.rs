@@ -25,11 +25,16 @@ const LIFETIME: &str = "4s";
 /// Port of the echo servers.
 const ECHO_PORT: u16 = 8080;
 
-/// Builds a 2-node island with `pods_per_node` pods per node, enrolls the pods that
-/// `enroll` names and starts the CA service and the daemons with SVIDs of `lifetime`
-/// and a bundle refresh every second. Returns `None` when the test cannot
-/// run here (outside CI only).
-fn setup(
+/// Builds a 2-node island with 1 pod per node, enrolls both pods and starts the CA
+/// service and the daemons with SVIDs of `lifetime` and a bundle refresh every second.
+/// Returns `None` when the test cannot run here (outside CI only).
+fn setup(test: &str, prefix: &str, subnet: u8, lifetime: &str) -> Option<TestMesh> {
+    setup_with(test, prefix, subnet, lifetime, 1, Enroll::All)
+}
+
+/// Builds the island as [`setup`] does, with `pods_per_node` pods per node of which
+/// those that `enroll` names are enrolled.
+fn setup_with(
     test: &str,
     prefix: &str,
     subnet: u8,
@@ -190,14 +195,7 @@ fn assert_no_failures(results: &[String]) -> u64 {
 
 #[test]
 fn long_connection_survives_renewals() {
-    let Some(setup) = setup(
-        "long_connection_survives_renewals",
-        "id1",
-        225,
-        LIFETIME,
-        1,
-        Enroll::All,
-    ) else {
+    let Some(setup) = setup("long_connection_survives_renewals", "id1", 225, LIFETIME) else {
         return;
     };
     let client_pod = setup.island.pod(1, 1);
@@ -256,14 +254,7 @@ fn long_connection_survives_renewals() {
 
 #[test]
 fn new_connections_carry_new_serials() {
-    let Some(setup) = setup(
-        "new_connections_carry_new_serials",
-        "id2",
-        226,
-        LIFETIME,
-        1,
-        Enroll::All,
-    ) else {
+    let Some(setup) = setup("new_connections_carry_new_serials", "id2", 226, LIFETIME) else {
         return;
     };
     let client_pod = setup.island.pod(1, 1);
@@ -312,7 +303,7 @@ fn new_connections_carry_new_serials() {
 fn node_refused_other_nodes_workload() {
     // Pods of the same index share a service account, so node 2's workload is its
     // second pod, whose identity no workload of node 1 has.
-    let Some(mut setup) = setup(
+    let Some(mut setup) = setup_with(
         "node_refused_other_nodes_workload",
         "id3",
         227,
@@ -418,14 +409,7 @@ fn node_refused_other_nodes_workload() {
 
 #[test]
 fn root_rotation_under_traffic() {
-    let Some(setup) = setup(
-        "root_rotation_under_traffic",
-        "id4",
-        228,
-        LIFETIME,
-        1,
-        Enroll::All,
-    ) else {
+    let Some(setup) = setup("root_rotation_under_traffic", "id4", 228, LIFETIME) else {
         return;
     };
     let client_pod = setup.island.pod(1, 1);
@@ -514,14 +498,7 @@ fn root_rotation_under_traffic() {
 
 #[test]
 fn ca_outage_short_then_long() {
-    let Some(mut setup) = setup(
-        "ca_outage_short_then_long",
-        "id5",
-        229,
-        "12s",
-        1,
-        Enroll::All,
-    ) else {
+    let Some(mut setup) = setup("ca_outage_short_then_long", "id5", 229, "12s") else {
         return;
     };
     let client_pod = setup.island.pod(1, 1).clone();

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use interceptor_tests::clients::{
-    accepted_count, run_client, wait_until, Client, HeldConnection, Traffic,
+    accepted_count, assert_quick_reset, run_client, wait_until, Client, HeldConnection, Traffic,
 };
 use interceptor_tests::mesh::{scaled, Mesh, PeerServer};
 use interceptor_tests::setup::{start_test_mesh, work_dir, Enroll, MeshOptions, TestMesh};
@@ -629,14 +629,7 @@ fn check_row(setup: &TestMesh, name: &str, row: &Row, server: &PeerServer) {
             );
         }
         Expect::Denied { error } => {
-            assert!(
-                line.starts_with("result=reset") || line.starts_with("result=refused"),
-                "{name}: expected a reset, got {line:?}"
-            );
-            assert!(
-                took < scaled(Duration::from_secs(1)),
-                "{name}: the reset took {took:?}"
-            );
+            assert_quick_reset(name, &line, took);
             assert!(
                 close.contains(&format!(" error={error}")),
                 "{name}: the close event does not give {error:?}: {close}"
