@@ -7,13 +7,13 @@ use std::io::{self, BufRead, BufReader};
 use std::net::Ipv6Addr;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Output};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::mesh::{mesh_peer_bin, run_peer, scaled, spawn_peer, PeerServer, TRUST_DOMAIN};
+use crate::mesh::{mesh_peer_command, run_peer, scaled, spawn_peer, PeerServer, TRUST_DOMAIN};
 use crate::{spawn_in, Island, Pod};
 
 /// Where a test client runs.
@@ -42,12 +42,7 @@ pub fn run_client(island: &Island, client: Client, args: &[&str]) -> (String, Du
     let output = match client {
         Client::Pod(node, pod) => run_peer(island, island.pod(node, pod), args),
         Client::Node(node) => {
-            let mut command = Command::new(mesh_peer_bin());
-            command
-                .args(args)
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped());
+            let mut command = mesh_peer_command(args);
             spawn_in(&island.node(node).netns_path, None, &mut command)
                 .and_then(|child| child.wait_with_output())
         }
@@ -205,12 +200,7 @@ impl Traffic {
         let (stop_flag, collected) = (Arc::clone(&stop), Arc::clone(&lines));
         let thread = std::thread::spawn(move || {
             while !stop_flag.load(Ordering::Relaxed) {
-                let mut command = Command::new(mesh_peer_bin());
-                command
-                    .args(&args)
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::piped())
-                    .stderr(Stdio::piped());
+                let mut command = mesh_peer_command(&args);
                 let output = spawn_in(&netns, Some(&cgroup), &mut command)
                     .and_then(|child| child.wait_with_output())
                     .expect("running mesh-peer");

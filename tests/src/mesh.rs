@@ -553,15 +553,22 @@ pub fn tail(text: &str, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
-/// Starts `mesh-peer ARGS` inside `pod`'s namespace and cgroup, with piped stdout and
-/// stderr.
-pub fn spawn_peer(island: &Island, pod: &Pod, args: &[&str]) -> io::Result<Child> {
+/// Returns the command `mesh-peer ARGS` with piped stdout and stderr, ready for
+/// [`spawn_in`].
+pub(crate) fn mesh_peer_command<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Command {
     let mut command = Command::new(mesh_peer_bin());
     command
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+    command
+}
+
+/// Starts `mesh-peer ARGS` inside `pod`'s namespace and cgroup, with piped stdout and
+/// stderr.
+pub fn spawn_peer(island: &Island, pod: &Pod, args: &[&str]) -> io::Result<Child> {
+    let mut command = mesh_peer_command(args);
     spawn_in(
         &pod.netns_path,
         Some(&island.cgroup_dir(&pod.cgroup)),
