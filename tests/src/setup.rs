@@ -25,6 +25,9 @@ pub enum Enroll<'a> {
     Pods(&'a [(usize, usize)]),
 }
 
+/// Builds the directory extras of an island from the island and its work directory.
+pub type ExtrasFn<'a> = dyn Fn(&Island, &Path) -> DirectoryExtras + 'a;
+
 /// Options of [`start_test_mesh`]. The default is 2 nodes with 2 pods each, all
 /// enrolled, in the work directory `interceptor-e2e-PREFIX`, with no extras and no
 /// daemon arguments.
@@ -36,7 +39,7 @@ pub struct MeshOptions<'a> {
     pub enroll: Enroll<'a>,
     /// Builds the directory extras once the island is up and the work directory
     /// exists, for instance from the pods' addresses.
-    pub extras: Option<&'a dyn Fn(&Island, &Path) -> DirectoryExtras>,
+    pub extras: Option<&'a ExtrasFn<'a>>,
     /// Arguments added to every `interceptor run`.
     pub daemon_args: &'a [&'a str],
     /// Arguments added to `interceptor ca serve`.

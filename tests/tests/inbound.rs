@@ -550,7 +550,7 @@ fn denied_clients_are_reset() {
             );
             continue;
         }
-        assert_quick_reset(&name, &line, took);
+        assert_quick_reset(name, &line, took);
         assert!(
             !accepted_so_far(server, &source),
             "{name}: the app accepted a denied connection"
