@@ -7,9 +7,10 @@
 //! in parallel with each other and with the daemon's tests.
 
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use interceptor_tests::clients::{run_client, spiffe_id, Client};
-use interceptor_tests::mesh::PeerServer;
+use interceptor_tests::mesh::{scaled, PeerServer};
 use interceptor_tests::setup::start_island;
 use interceptor_tests::sidecar::{nat_rules, SidecarMesh};
 use interceptor_tests::{contains, mesh_peer_payload, tls_record_counts, Capture, Island, Pod};
@@ -141,14 +142,20 @@ fn sidecar_resets_plaintext_inbound() {
         server.accepted()
     );
 
-    let server_log = setup.sidecars.log(server_pod);
+    // The sidecar logs the denial after it reset the connection, so the client can
+    // finish first.
     let denial = format!("connection denied dst=\"{dst}\"");
-    assert!(
-        server_log
-            .lines()
-            .any(|l| l.contains(&denial) && l.contains(&format!("src={}:", outsider.ip))),
-        "server-side log:\n{server_log}"
-    );
+    let source = format!("src={}:", outsider.ip);
+    let logged = |log: &str| {
+        log.lines()
+            .any(|l| l.contains(&denial) && l.contains(&source))
+    };
+    let deadline = Instant::now() + scaled(Duration::from_secs(10));
+    while !logged(&setup.sidecars.log(server_pod)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let server_log = setup.sidecars.log(server_pod);
+    assert!(logged(&server_log), "server-side log:\n{server_log}");
 }
 
 #[test]
