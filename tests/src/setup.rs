@@ -66,10 +66,9 @@ pub fn work_dir(kind: &str, prefix: &str) -> PathBuf {
     std::env::temp_dir().join(format!("interceptor-{kind}-{prefix}"))
 }
 
-/// Checks the privileges of `test`, builds the island `prefix` on subnet `subnet` with
-/// `nodes` nodes of `pods_per_node` pods, and removes what an earlier run left in its
-/// work directory (see [`work_dir`]). Returns `None` when the test cannot run here,
-/// which [`require_privileges`] allows outside CI only.
+/// Checks the privileges of `test`, builds the island `prefix` on subnet `subnet` and
+/// empties its work directory (see [`work_dir`]). Returns `None` when the test cannot
+/// run here (outside CI only).
 pub fn start_island(
     test: &str,
     prefix: &str,

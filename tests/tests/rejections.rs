@@ -65,8 +65,8 @@ fn suppressed_sum(log: &str, workload: &str, reason: &str) -> u64 {
         .sum()
 }
 
-/// Asserts that the connection of `case` was refused, which a reset by the
-/// `sk_lookup` program is to the client.
+/// Asserts that the one connection of `case` failed with ECONNREFUSED, which is how
+/// the client sees the `sk_lookup` program's reset.
 fn assert_refused(outcome: &[Option<io::ErrorKind>], case: &str) {
     assert_eq!(outcome, [Some(io::ErrorKind::ConnectionRefused)], "{case}");
 }
