@@ -7,6 +7,9 @@
 //! - [`Capture`] and [`pcap`]: tcpdump captures and a reader for what they hold.
 //! - [`require_privileges`]: the first line of every privileged test.
 //! - [`mesh::Mesh`]: the workload directory, a CA and one daemon per node of an island.
+//! - [`setup::start_test_mesh`]: the start of a test, an island with a mesh on it.
+//! - [`clients`]: `mesh-peer` clients in pods or nodes, held connections, continuous
+//!   traffic and the checks tests make with them.
 //! - [`sidecar::SidecarMesh`]: the same with one `interceptor sidecar` per pod, the
 //!   benchmark baseline.
 //!
@@ -14,11 +17,13 @@
 //! run inside pods; [`mesh_peer_payload`] is the data its client sends.
 
 mod capture;
+pub mod clients;
 pub mod mesh;
 mod mesh_config;
 pub mod pcap;
 mod privileges;
 mod process;
+pub mod setup;
 pub mod sidecar;
 mod topology;
 

@@ -20,8 +20,8 @@ use crate::{spawn_in, write_mesh_config_with, DirectoryExtras, Island, Pod};
 /// Trust domain of test and demo meshes.
 pub const TRUST_DOMAIN: &str = "cluster.local";
 
-/// How long a daemon may take from start to its "daemon started" line, before
-/// [`scaled`] multiplies it.
+/// How long a daemon, the CA service or a sidecar may take from start to its start
+/// line, before [`scaled`] multiplies it.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long a `mesh-peer` server may take to print its `listening` line, before
@@ -239,10 +239,7 @@ impl Mesh {
     /// waits for its "CA service started" line.
     pub fn start_ca(&mut self) -> io::Result<()> {
         let log_path = self.work_dir.join("ca.log");
-        let log = File::options().create(true).append(true).open(&log_path)?;
-        let already = std::fs::read_to_string(&log_path)?
-            .matches("CA service started")
-            .count();
+        let (log, already) = open_log(&log_path, "CA service started")?;
         let mut command = Command::new(interceptor_bin());
         command
             .args(["ca", "serve", "--dir"])
@@ -252,15 +249,8 @@ impl Mesh {
             .args(["--listen", &self.ca.addr.to_string()])
             .arg("--netns")
             .arg(&self.ca.netns)
-            .args(&self.ca.args)
-            .env(
-                "INTERCEPTOR_LOG",
-                std::env::var("INTERCEPTOR_LOG").unwrap_or_else(|_| "info".to_owned()),
-            )
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
+            .args(&self.ca.args);
+        log_to(&mut command, log)?;
         let child = command.spawn()?;
         let child = wait_for_line(
             child,
@@ -320,10 +310,7 @@ impl Mesh {
     pub fn start_daemon(&mut self, node_index: usize) -> io::Result<()> {
         let slot = node_index - 1;
         let log_path = self.log_path(node_index);
-        let log = File::options().create(true).append(true).open(&log_path)?;
-        let already = std::fs::read_to_string(&log_path)?
-            .matches("daemon started")
-            .count();
+        let (log, already) = open_log(&log_path, "daemon started")?;
         let mut command = Command::new(interceptor_bin());
         command
             .arg("run")
@@ -339,41 +326,11 @@ impl Mesh {
             .arg(self.state_dir(node_index))
             .arg("--netns")
             .arg(&self.node_netns[slot])
-            .args(&self.daemon_args)
-            .env(
-                "INTERCEPTOR_LOG",
-                std::env::var("INTERCEPTOR_LOG").unwrap_or_else(|_| "info".to_owned()),
-            )
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
-        let mut child = command.spawn()?;
-        let start_timeout = scaled(START_TIMEOUT);
-        let deadline = Instant::now() + start_timeout;
-        loop {
-            let text = std::fs::read_to_string(&log_path)?;
-            if text.matches("daemon started").count() > already {
-                break;
-            }
-            if let Some(status) = child.try_wait()? {
-                return Err(io::Error::other(format!(
-                    "daemon of {} exited with {status} before it started; log:\n{}",
-                    self.nodes[slot],
-                    tail(&text, 40)
-                )));
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(io::Error::other(format!(
-                    "daemon of {} did not start within {start_timeout:?}; log:\n{}",
-                    self.nodes[slot],
-                    tail(&text, 40)
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+            .args(&self.daemon_args);
+        log_to(&mut command, log)?;
+        let child = command.spawn()?;
+        let process_name = format!("daemon of {}", self.nodes[slot]);
+        let child = wait_for_line(child, &log_path, "daemon started", already, &process_name)?;
         self.daemons[slot] = Some(Daemon { child });
         Ok(())
     }
@@ -505,9 +462,32 @@ pub(crate) fn prepare_work_dir(
     Ok(())
 }
 
+/// Opens the log at `log_path` for appending and returns it with the number of times
+/// `line` is in it already, so that a wait for the next start line skips earlier ones.
+pub(crate) fn open_log(log_path: &Path, line: &str) -> io::Result<(File, usize)> {
+    let log = File::options().create(true).append(true).open(log_path)?;
+    let already = std::fs::read_to_string(log_path)?.matches(line).count();
+    Ok((log, already))
+}
+
+/// Sends the stdout and stderr of `command` to `log`, with the log filter of
+/// `INTERCEPTOR_LOG` (default `info`) and without colors.
+pub(crate) fn log_to(command: &mut Command, log: File) -> io::Result<()> {
+    command
+        .env(
+            "INTERCEPTOR_LOG",
+            std::env::var("INTERCEPTOR_LOG").unwrap_or_else(|_| "info".to_owned()),
+        )
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    Ok(())
+}
+
 /// Waits until `log_path` contains `line` more than `already` times, or fails with the
 /// log's tail when `child` (named `process_name`) exits or the start timeout passes.
-fn wait_for_line(
+pub(crate) fn wait_for_line(
     mut child: Child,
     log_path: &Path,
     line: &str,
@@ -567,20 +547,28 @@ pub(crate) fn terminate(child: &mut Child) -> io::Result<()> {
     child.wait().map(|_| ())
 }
 
-pub(crate) fn tail(text: &str, lines: usize) -> String {
+/// Returns the last `lines` lines of `text`, for failure messages that show a log.
+pub fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
-/// Starts `mesh-peer ARGS` inside `pod`'s namespace and cgroup, with piped stdout and
-/// stderr.
-pub fn spawn_peer(island: &Island, pod: &Pod, args: &[&str]) -> io::Result<Child> {
+/// Returns the command `mesh-peer ARGS` with piped stdout and stderr, ready for
+/// [`spawn_in`].
+pub(crate) fn mesh_peer_command<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Command {
     let mut command = Command::new(mesh_peer_bin());
     command
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+    command
+}
+
+/// Starts `mesh-peer ARGS` inside `pod`'s namespace and cgroup, with piped stdout and
+/// stderr.
+pub fn spawn_peer(island: &Island, pod: &Pod, args: &[&str]) -> io::Result<Child> {
+    let mut command = mesh_peer_command(args);
     spawn_in(
         &pod.netns_path,
         Some(&island.cgroup_dir(&pod.cgroup)),

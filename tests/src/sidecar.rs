@@ -7,20 +7,12 @@
 //! the pod's namespace at start and removes them when it exits. Its log goes to
 //! `<work dir>/<pod>.sidecar.log`.
 
-use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
-use crate::mesh::{interceptor_bin, prepare_work_dir, tail, terminate};
+use crate::mesh::{interceptor_bin, log_to, open_log, prepare_work_dir, terminate, wait_for_line};
 use crate::{spawn_in, Island, Pod};
-
-/// How long a sidecar may take from start to its "sidecar started" line.
-const START_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Lines of a log that a start failure quotes.
-const LOG_TAIL_LINES: usize = 40;
 
 /// A sidecar process and the pod it serves.
 #[derive(Debug)]
@@ -73,10 +65,7 @@ impl SidecarMesh {
     /// started" line.
     fn spawn_sidecar(&self, pod: &Pod, sidecar_args: &[&str]) -> io::Result<Child> {
         let log_path = self.log_path(pod);
-        let log = File::options().create(true).append(true).open(&log_path)?;
-        let already = std::fs::read_to_string(&log_path)?
-            .matches("sidecar started")
-            .count();
+        let (log, already) = open_log(&log_path, "sidecar started")?;
         let mut command = Command::new(interceptor_bin());
         command
             .arg("sidecar")
@@ -85,40 +74,11 @@ impl SidecarMesh {
             .args(["--node", &pod.node, "--workload", &pod.name])
             .arg("--ca-dir")
             .arg(self.work_dir.join("ca"))
-            .args(sidecar_args)
-            .env(
-                "INTERCEPTOR_LOG",
-                std::env::var("INTERCEPTOR_LOG").unwrap_or_else(|_| "info".to_owned()),
-            )
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
-        let mut child = spawn_in(&pod.netns_path, None, &mut command)?;
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            let text = std::fs::read_to_string(&log_path)?;
-            if text.matches("sidecar started").count() > already {
-                return Ok(child);
-            }
-            if let Some(status) = child.try_wait()? {
-                return Err(io::Error::other(format!(
-                    "sidecar of {} exited with {status} before it started; log:\n{}",
-                    pod.name,
-                    tail(&text, LOG_TAIL_LINES)
-                )));
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(io::Error::other(format!(
-                    "sidecar of {} did not start within {START_TIMEOUT:?}; log:\n{}",
-                    pod.name,
-                    tail(&text, LOG_TAIL_LINES)
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+            .args(sidecar_args);
+        log_to(&mut command, log)?;
+        let child = spawn_in(&pod.netns_path, None, &mut command)?;
+        let process_name = format!("sidecar of {}", pod.name);
+        wait_for_line(child, &log_path, "sidecar started", already, &process_name)
     }
 
     /// Path of the log of `pod`'s sidecar.

@@ -7,82 +7,22 @@
 //! in parallel and never touch each other's state.
 
 use std::path::PathBuf;
-use std::process::Output;
 use std::time::{Duration, Instant};
 
-use interceptor_tests::mesh::{run_peer, scaled, Mesh, PeerServer, TRUST_DOMAIN};
+use interceptor_tests::clients::{run_client, spiffe_id, stdout_line, Client};
+use interceptor_tests::mesh::{scaled, PeerServer};
+use interceptor_tests::setup::{start_test_mesh, Enroll, MeshOptions, TestMesh};
 use interceptor_tests::{
-    contains, mesh_peer_payload, require_privileges, tls_record_counts, Capture, Island,
-    IslandSpec, Pod,
+    contains, mesh_peer_payload, require_privileges, tls_record_counts, Capture, Pod,
 };
-
-/// A running island with a mesh on it. Fields drop in order: the mesh's daemons stop
-/// before the island's namespaces go.
-struct Setup {
-    mesh: Mesh,
-    island: Island,
-    work_dir: PathBuf,
-}
-
-/// Builds a 2-node island with 2 pods per node, enrolls the pods for which `enroll`
-/// returns true and starts the daemons with `daemon_args`. Returns `None` when the test
-/// cannot run here (outside CI only).
-fn setup(
-    test: &str,
-    prefix: &str,
-    subnet: u8,
-    enroll: fn(&Pod) -> bool,
-    daemon_args: &[&str],
-) -> Option<Setup> {
-    if !require_privileges(test) {
-        return None;
-    }
-    let spec = IslandSpec {
-        prefix: prefix.to_owned(),
-        nodes: 2,
-        pods_per_node: 2,
-        subnet,
-    };
-    let island = Island::up(spec).expect("building the island");
-    let work_dir = std::env::temp_dir().join(format!("interceptor-e2e-{prefix}"));
-    let _ = std::fs::remove_dir_all(&work_dir);
-    let enrolled: Vec<&Pod> = island.pods().iter().filter(|p| enroll(p)).collect();
-    let mesh = Mesh::start(&island, &work_dir, &enrolled, daemon_args).expect("starting the mesh");
-    Some(Setup {
-        mesh,
-        island,
-        work_dir,
-    })
-}
-
-fn all_pods(_: &Pod) -> bool {
-    true
-}
-
-fn stdout(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stdout).trim().to_owned()
-}
-
-fn spiffe_id(pod: &Pod) -> String {
-    format!("spiffe://{TRUST_DOMAIN}/ns/default/sa/{}", pod.short_name)
-}
-
-/// Runs `mesh-peer client` in `pod` against `addr` and returns its result line and the
-/// time it took.
-fn client(setup: &Setup, pod: &Pod, args: &[&str]) -> (String, Duration) {
-    let started = Instant::now();
-    let output = run_peer(&setup.island, pod, args).expect("running mesh-peer");
-    (stdout(&output), started.elapsed())
-}
 
 #[test]
 fn cross_node_bytes_arrive_over_mtls() {
-    let Some(setup) = setup(
+    let Some(setup) = start_test_mesh(
         "cross_node_bytes_arrive_over_mtls",
         "xn",
         211,
-        all_pods,
-        &[],
+        MeshOptions::default(),
     ) else {
         return;
     };
@@ -95,11 +35,19 @@ fn cross_node_bytes_arrive_over_mtls() {
         Capture::start(&setup.island.node(1).netns_path, "wire", &pcap).expect("starting tcpdump");
 
     let dst = format!("{}:8080", server_pod.ip);
-    let (result, _) = client(&setup, client_pod, &["client", &dst, "--bytes", "300000"]);
+    let (result, _) = run_client(
+        &setup.island,
+        Client::from(client_pod),
+        &["client", &dst, "--bytes", "300000"],
+    );
     assert_eq!(result, "result=ok sent=300000 received=300000");
     // A dual-stack socket connecting to the IPv4-mapped address takes connect6.
     let mapped = format!("[::ffff:{}]:8080", server_pod.ip);
-    let (result, _) = client(&setup, client_pod, &["client", &mapped, "--bytes", "1000"]);
+    let (result, _) = run_client(
+        &setup.island,
+        Client::from(client_pod),
+        &["client", &mapped, "--bytes", "1000"],
+    );
     assert_eq!(result, "result=ok sent=1000 received=1000");
     capture.stop().expect("stopping tcpdump");
 
@@ -164,7 +112,12 @@ fn cross_node_bytes_arrive_over_mtls() {
 
 #[test]
 fn tcp_semantics_survive_the_tunnel() {
-    let Some(setup) = setup("tcp_semantics_survive_the_tunnel", "ts", 212, all_pods, &[]) else {
+    let Some(setup) = start_test_mesh(
+        "tcp_semantics_survive_the_tunnel",
+        "ts",
+        212,
+        MeshOptions::default(),
+    ) else {
         return;
     };
     let client_pod = setup.island.pod(1, 1);
@@ -180,9 +133,9 @@ fn tcp_semantics_survive_the_tunnel() {
 
     // A server that speaks first is heard before the client sends anything.
     let dst = format!("{}:8081", server_pod.ip);
-    let (result, _) = client(
-        &setup,
-        client_pod,
+    let (result, _) = run_client(
+        &setup.island,
+        Client::from(client_pod),
         &[
             "client",
             &dst,
@@ -196,13 +149,21 @@ fn tcp_semantics_survive_the_tunnel() {
 
     // The server's reset reaches the client as a reset.
     let dst = format!("{}:8082", server_pod.ip);
-    let (result, _) = client(&setup, client_pod, &["client", &dst, "--bytes", "100000"]);
+    let (result, _) = run_client(
+        &setup.island,
+        Client::from(client_pod),
+        &["client", &dst, "--bytes", "100000"],
+    );
     assert!(result.starts_with("result=reset"), "{result}");
 
     // Nothing listens on 8090: the app's connect succeeded on loopback, so it sees a
     // reset, within a second (times the time scale, like every time limit here).
     let dst = format!("{}:8090", server_pod.ip);
-    let (result, took) = client(&setup, client_pod, &["client", &dst, "--bytes", "10"]);
+    let (result, took) = run_client(
+        &setup.island,
+        Client::from(client_pod),
+        &["client", &dst, "--bytes", "10"],
+    );
     assert!(
         result.starts_with("result=reset") || result.starts_with("result=eof-early"),
         "{result}"
@@ -214,7 +175,11 @@ fn tcp_semantics_survive_the_tunnel() {
 
     // The tunnel delivers to its own pod only, never to the daemon's ports.
     let dst = format!("{}:15008", server_pod.ip);
-    let (result, _) = client(&setup, client_pod, &["client", &dst, "--bytes", "10"]);
+    let (result, _) = run_client(
+        &setup.island,
+        Client::from(client_pod),
+        &["client", &dst, "--bytes", "10"],
+    );
     assert!(!result.starts_with("result=ok"), "{result}");
     let server_log = setup.mesh.log_when(2, |log| log.contains("which this pod"));
     assert!(
@@ -229,12 +194,14 @@ fn first_pod_of_each_node(pod: &Pod) -> bool {
 
 #[test]
 fn non_enrolled_pods_and_passthrough() {
-    let Some(setup) = setup(
+    let Some(setup) = start_test_mesh(
         "non_enrolled_pods_and_passthrough",
         "ne",
         213,
-        first_pod_of_each_node,
-        &[],
+        MeshOptions {
+            enroll: Enroll::Matching(first_pod_of_each_node),
+            ..MeshOptions::default()
+        },
     ) else {
         return;
     };
@@ -249,7 +216,11 @@ fn non_enrolled_pods_and_passthrough() {
 
     // A pod that is not enrolled talks plain TCP, untouched: its bytes are on the wire.
     let dst = format!("{}:8080", plain_server.ip);
-    let (result, _) = client(&setup, plain_client, &["client", &dst, "--bytes", "2000"]);
+    let (result, _) = run_client(
+        &setup.island,
+        Client::from(plain_client),
+        &["client", &dst, "--bytes", "2000"],
+    );
     assert_eq!(result, "result=ok sent=2000 received=2000");
     capture.stop().expect("stopping tcpdump");
     assert!(
@@ -264,9 +235,9 @@ fn non_enrolled_pods_and_passthrough() {
     // An enrolled pod reaching a destination outside the mesh goes through the daemon
     // as plain passthrough; the daemon's own upstream connect from inside the pod is not
     // redirected again, or this would loop back to the daemon.
-    let (result, _) = client(
-        &setup,
-        enrolled_client,
+    let (result, _) = run_client(
+        &setup.island,
+        Client::from(enrolled_client),
         &["client", &dst, "--bytes", "2000"],
     );
     assert_eq!(result, "result=ok sent=2000 received=2000");
@@ -297,12 +268,11 @@ fn non_enrolled_pods_and_passthrough() {
 
 #[test]
 fn daemon_down_fails_closed_and_restart_takes_over() {
-    let Some(mut setup) = setup(
+    let Some(mut setup) = start_test_mesh(
         "daemon_down_fails_closed_and_restart_takes_over",
         "fc",
         214,
-        all_pods,
-        &[],
+        MeshOptions::default(),
     ) else {
         return;
     };
@@ -332,12 +302,20 @@ fn daemon_down_fails_closed_and_restart_takes_over() {
     let pcap = setup.work_dir.join("wire.pcap");
     let capture =
         Capture::start(&setup.island.node(1).netns_path, "wire", &pcap).expect("starting tcpdump");
-    let (result, _) = client(&setup, &client_pod, &["connect-only", &dst]);
+    let (result, _) = run_client(
+        &setup.island,
+        Client::from(&client_pod),
+        &["connect-only", &dst],
+    );
     assert!(
         result.starts_with("result=refused"),
         "with the daemon down: {result}"
     );
-    let (result, _) = client(&setup, &client_pod, &["client", &dst, "--bytes", "500"]);
+    let (result, _) = run_client(
+        &setup.island,
+        Client::from(&client_pod),
+        &["client", &dst, "--bytes", "500"],
+    );
     assert!(
         !result.starts_with("result=ok"),
         "with the daemon down: {result}"
@@ -361,7 +339,11 @@ fn daemon_down_fails_closed_and_restart_takes_over() {
         "log:\n{}",
         setup.mesh.log(1)
     );
-    let (result, _) = client(&setup, &client_pod, &["client", &dst, "--bytes", "500"]);
+    let (result, _) = run_client(
+        &setup.island,
+        Client::from(&client_pod),
+        &["client", &dst, "--bytes", "500"],
+    );
     assert_eq!(result, "result=ok sent=500 received=500");
 
     setup.mesh.stop_daemon(1).expect("stopping the daemon");
@@ -378,12 +360,15 @@ fn daemon_down_fails_closed_and_restart_takes_over() {
 fn bad_peers_are_rejected_and_others_served() {
     let handshake_timeout = scaled(Duration::from_secs(1));
     let handshake_timeout_arg = format!("{}ms", handshake_timeout.as_millis());
-    let Some(setup) = setup(
+    let Some(setup) = start_test_mesh(
         "bad_peers_are_rejected_and_others_served",
         "bp",
         215,
-        first_pod_of_each_node,
-        &["--handshake-timeout", &handshake_timeout_arg],
+        MeshOptions {
+            enroll: Enroll::Matching(first_pod_of_each_node),
+            daemon_args: &["--handshake-timeout", &handshake_timeout_arg],
+            ..MeshOptions::default()
+        },
     ) else {
         return;
     };
@@ -395,12 +380,16 @@ fn bad_peers_are_rejected_and_others_served() {
     let tunnel = format!("{}:15008", server_pod.ip);
 
     // Plaintext garbage at the tunnel port from a pod outside the mesh.
-    let (result, _) = client(&setup, outsider, &["client", &tunnel, "--bytes", "4000"]);
+    let (result, _) = run_client(
+        &setup.island,
+        Client::from(outsider),
+        &["client", &tunnel, "--bytes", "4000"],
+    );
     assert!(!result.starts_with("result=ok"), "{result}");
     // A peer that sends nothing is cut off at the handshake timeout.
-    let (result, took) = client(
-        &setup,
-        outsider,
+    let (result, took) = run_client(
+        &setup.island,
+        Client::from(outsider),
         &[
             "client",
             &tunnel,
@@ -429,7 +418,11 @@ fn bad_peers_are_rejected_and_others_served() {
     );
 
     let dst = format!("{}:8080", server_pod.ip);
-    let (result, _) = client(&setup, client_pod, &["client", &dst, "--bytes", "1000"]);
+    let (result, _) = run_client(
+        &setup.island,
+        Client::from(client_pod),
+        &["client", &dst, "--bytes", "1000"],
+    );
     assert_eq!(result, "result=ok sent=1000 received=1000");
 }
 
@@ -476,12 +469,11 @@ fn tunnel_closes(log: &str) -> Vec<&str> {
 
 #[test]
 fn transfers_of_every_size_arrive_intact() {
-    let Some(setup) = setup(
+    let Some(setup) = start_test_mesh(
         "transfers_of_every_size_arrive_intact",
         "sz",
         216,
-        all_pods,
-        &[],
+        MeshOptions::default(),
     ) else {
         return;
     };
@@ -493,7 +485,11 @@ fn transfers_of_every_size_arrive_intact() {
     let sizes: &[usize] = &[1, 100, 16_384, 16_385, 1 << 20, 64 << 20];
     for size in sizes {
         let bytes = size.to_string();
-        let (result, _) = client(&setup, client_pod, &["client", &dst, "--bytes", &bytes]);
+        let (result, _) = run_client(
+            &setup.island,
+            Client::from(client_pod),
+            &["client", &dst, "--bytes", &bytes],
+        );
         assert_eq!(
             result,
             format!("result=ok sent={size} received={size}"),
@@ -534,12 +530,11 @@ fn transfers_of_every_size_arrive_intact() {
 
 #[test]
 fn first_bytes_after_handshake_are_not_lost() {
-    let Some(setup) = setup(
+    let Some(setup) = start_test_mesh(
         "first_bytes_after_handshake_are_not_lost",
         "fb",
         217,
-        all_pods,
-        &[],
+        MeshOptions::default(),
     ) else {
         return;
     };
@@ -551,9 +546,9 @@ fn first_bytes_after_handshake_are_not_lost() {
     // A thousand connections, each sending its first bytes right behind the preamble.
     let connections = 1000;
     let repeat = connections.to_string();
-    let (result, _) = client(
-        &setup,
-        client_pod,
+    let (result, _) = run_client(
+        &setup.island,
+        Client::from(client_pod),
         &["client", &dst, "--bytes", "300", "--repeat", &repeat],
     );
     assert_eq!(
@@ -579,7 +574,12 @@ fn first_bytes_after_handshake_are_not_lost() {
 
 #[test]
 fn truncated_tunnel_resets_the_app() {
-    let Some(mut setup) = setup("truncated_tunnel_resets_the_app", "tr", 218, all_pods, &[]) else {
+    let Some(mut setup) = start_test_mesh(
+        "truncated_tunnel_resets_the_app",
+        "tr",
+        218,
+        MeshOptions::default(),
+    ) else {
         return;
     };
     let client_pod = setup.island.pod(1, 1).clone();
@@ -609,7 +609,7 @@ fn truncated_tunnel_resets_the_app() {
         .kill_daemon(2)
         .expect("killing the server node's daemon");
     let output = waiting.wait_with_output().expect("waiting for the client");
-    let result = stdout(&output);
+    let result = stdout_line(&output);
     assert!(
         result.starts_with("result=reset"),
         "truncation must reach the app as a reset: {result}"
@@ -629,12 +629,11 @@ fn record_limit_follows_the_rekey_policy() {
     // runs kernel TLS where the kernel has it. Node 2's client talks to node 1's
     // server, so node 1 sends KeyUpdates on a tunnel whose receive side node 2 may have
     // handed to the kernel.
-    let Some(mut setup) = setup(
+    let Some(mut setup) = start_test_mesh(
         "record_limit_follows_the_rekey_policy",
         "rk",
         219,
-        all_pods,
-        &[],
+        MeshOptions::default(),
     ) else {
         return;
     };
@@ -648,7 +647,11 @@ fn record_limit_follows_the_rekey_policy() {
     let _server = PeerServer::start(&setup.island, server_pod, &["echo", "0.0.0.0:8080"])
         .expect("starting the server");
     let dst = format!("{}:8080", server_pod.ip);
-    let (result, _) = client(&setup, client_pod, &["client", &dst, "--bytes", "4194304"]);
+    let (result, _) = run_client(
+        &setup.island,
+        Client::from(client_pod),
+        &["client", &dst, "--bytes", "4194304"],
+    );
     if expect_ktls() {
         // The kernel cannot follow a KeyUpdate before Linux 6.14: the tunnel closes and
         // the app sees a reset, never corrupted bytes.
@@ -713,7 +716,7 @@ cgroup = "interceptor/badcfg-n1/p1"
 /// daemon would, with a valid SVID of `from_pod`'s identity, asks for `dst`, and returns
 /// the TLS stream once the server answered with its status byte pair.
 fn rogue_tunnel(
-    setup: &Setup,
+    setup: &TestMesh,
     from_pod: &Pod,
     server_pod: &Pod,
     dst: std::net::SocketAddr,
@@ -762,7 +765,12 @@ fn rogue_tunnel(
 #[test]
 fn forged_record_resets_the_app() {
     use std::io::{Read, Write};
-    let Some(setup) = setup("forged_record_resets_the_app", "fr", 220, all_pods, &[]) else {
+    let Some(setup) = start_test_mesh(
+        "forged_record_resets_the_app",
+        "fr",
+        220,
+        MeshOptions::default(),
+    ) else {
         return;
     };
     let client_pod = setup.island.pod(1, 1);

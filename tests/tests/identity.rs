@@ -9,63 +9,40 @@
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use interceptor::ca::client::{CaClient, NodeState};
 use interceptor::identity::{self, CertificateAuthority, NodeId, SpiffeId, Svid, TrustDomain};
-use interceptor_tests::mesh::{
-    mesh_peer_bin, run_peer, scaled, spawn_peer, Mesh, PeerServer, TRUST_DOMAIN,
-};
-use interceptor_tests::{require_privileges, spawn_in, Island, IslandSpec, Pod};
+use interceptor_tests::clients::{self, in_netns, stdout_line, Traffic};
+use interceptor_tests::mesh::{run_peer, scaled, spawn_peer, tail, Mesh, PeerServer, TRUST_DOMAIN};
+use interceptor_tests::setup::{start_island, start_test_mesh, Enroll, MeshOptions, TestMesh};
+use interceptor_tests::Pod;
 use rustls::pki_types::CertificateDer;
-use std::process::{Command, Stdio};
 
 /// Lifetime of workload SVIDs in most tests: renewals come about every 2 s.
 const LIFETIME: &str = "4s";
 /// Port of the echo servers.
 const ECHO_PORT: u16 = 8080;
 
-/// A running island with a mesh on it. Fields drop in order: the mesh's processes stop
-/// before the island's namespaces go.
-struct Setup {
-    mesh: Mesh,
-    island: Island,
-}
-
 /// Builds a 2-node island with 1 pod per node, enrolls both pods and starts the CA
 /// service and the daemons with SVIDs of `lifetime` and a bundle refresh every second.
-fn setup(test: &str, prefix: &str, subnet: u8, lifetime: &str) -> Option<Setup> {
-    setup_with(test, prefix, subnet, lifetime, 1, |_| true)
+/// Returns `None` when the test cannot run here (outside CI only).
+fn setup(test: &str, prefix: &str, subnet: u8, lifetime: &str) -> Option<TestMesh> {
+    setup_with(test, prefix, subnet, lifetime, 1, Enroll::All)
 }
 
 /// Builds the island as [`setup`] does, with `pods_per_node` pods per node of which
-/// those for which `enroll` returns true are enrolled.
+/// those that `enroll` names are enrolled.
 fn setup_with(
     test: &str,
     prefix: &str,
     subnet: u8,
     lifetime: &str,
     pods_per_node: usize,
-    enroll: fn(&Pod) -> bool,
-) -> Option<Setup> {
-    if !require_privileges(test) {
-        return None;
-    }
-    let spec = IslandSpec {
-        prefix: prefix.to_owned(),
-        nodes: 2,
-        pods_per_node,
-        subnet,
-    };
-    let island = Island::up(spec).expect("building the island");
-    let work_dir = std::env::temp_dir().join(format!("interceptor-identity-{prefix}"));
-    let _ = std::fs::remove_dir_all(&work_dir);
-    let enrolled: Vec<&Pod> = island.pods().iter().filter(|pod| enroll(pod)).collect();
-    let args = [
+    enroll: Enroll,
+) -> Option<TestMesh> {
+    let daemon_args = [
         "--svid-lifetime",
         lifetime,
         "--bundle-refresh",
@@ -73,8 +50,24 @@ fn setup_with(
         "--kernel-tls",
         "off",
     ];
-    let mesh = Mesh::start(&island, &work_dir, &enrolled, &args).expect("starting the mesh");
-    Some(Setup { mesh, island })
+    let options = MeshOptions {
+        pods_per_node,
+        work_dir_kind: "identity",
+        enroll,
+        daemon_args: &daemon_args,
+        ..MeshOptions::default()
+    };
+    start_test_mesh(test, prefix, subnet, options)
+}
+
+/// Starts the echo server on [`ECHO_PORT`] of pod n2-p1, the server of most tests.
+fn start_echo_server(setup: &TestMesh) -> PeerServer {
+    PeerServer::start(
+        &setup.island,
+        setup.island.pod(2, 1),
+        &["echo", "0.0.0.0:8080"],
+    )
+    .expect("starting the echo server")
 }
 
 /// Returns the serials of the "renewed SVID" events of `workload` in `log`, in order.
@@ -118,28 +111,8 @@ fn wait_for_log(
     }
 }
 
-fn tail(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
-}
-
 fn spiffe_id(pod: &Pod) -> SpiffeId {
-    format!("spiffe://{TRUST_DOMAIN}/ns/default/sa/{}", pod.short_name)
-        .parse()
-        .expect("SPIFFE ID of a pod")
-}
-
-/// Runs `work` on a thread that has entered the network namespace at `netns`.
-fn in_netns<T: Send + 'static>(netns: PathBuf, work: impl FnOnce() -> T + Send + 'static) -> T {
-    std::thread::spawn(move || {
-        let file = std::fs::File::open(&netns).expect("opening the namespace");
-        // SAFETY: `file` is an open namespace file; only this thread moves.
-        let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "entering {}", netns.display());
-        work()
-    })
-    .join()
-    .expect("the thread in the namespace")
+    clients::spiffe_id(pod).parse().expect("SPIFFE ID of a pod")
 }
 
 /// What a test's own tunnel to a pod saw.
@@ -196,44 +169,12 @@ fn handshake(
     })
 }
 
-/// `mesh-peer client` runs, one after another until stopped, each making connections
-/// for 2 s; every result line is kept.
-struct Traffic {
-    stop: Arc<AtomicBool>,
-    worker: JoinHandle<Vec<String>>,
-}
-
-impl Traffic {
-    fn start(setup: &Setup, from_pod: &Pod, to_pod: &Pod) -> Traffic {
-        let stop = Arc::new(AtomicBool::new(false));
-        let netns = from_pod.netns_path.clone();
-        let cgroup = setup.island.cgroup_dir(&from_pod.cgroup);
-        let target = format!("{}:{ECHO_PORT}", to_pod.ip);
-        let flag = Arc::clone(&stop);
-        let worker = std::thread::spawn(move || {
-            let mut results = Vec::new();
-            while !flag.load(Ordering::Relaxed) {
-                let mut command = Command::new(mesh_peer_bin());
-                command
-                    .args(["client", &target, "--bytes", "1000", "--for-seconds", "2"])
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::piped())
-                    .stderr(Stdio::piped());
-                let output = spawn_in(&netns, Some(&cgroup), &mut command)
-                    .and_then(|child| child.wait_with_output())
-                    .expect("running mesh-peer");
-                results.push(String::from_utf8_lossy(&output.stdout).trim().to_owned());
-            }
-            results
-        });
-        Traffic { stop, worker }
-    }
-
-    /// Stops the traffic and returns every result line.
-    fn finish(self) -> Vec<String> {
-        self.stop.store(true, Ordering::Relaxed);
-        self.worker.join().expect("the traffic thread")
-    }
+/// Starts `mesh-peer client` runs from `from_pod` to the echo server of `to_pod`, one
+/// after another until stopped, each making connections for 2 s.
+fn start_traffic(setup: &TestMesh, from_pod: &Pod, to_pod: &Pod) -> Traffic {
+    let target = format!("{}:{ECHO_PORT}", to_pod.ip);
+    let args = ["client", &target, "--bytes", "1000", "--for-seconds", "2"];
+    Traffic::start(&setup.island, from_pod, &args)
 }
 
 /// Checks that every traffic run succeeded and returns the number of connections.
@@ -259,8 +200,7 @@ fn long_connection_survives_renewals() {
     };
     let client_pod = setup.island.pod(1, 1);
     let server_pod = setup.island.pod(2, 1);
-    let _server = PeerServer::start(&setup.island, server_pod, &["echo", "0.0.0.0:8080"])
-        .expect("starting the echo server");
+    let _server = start_echo_server(&setup);
     let before = renewed_serials(&setup.mesh.log(1), &client_pod.name).len();
     let server_before = renewed_serials(&setup.mesh.log(2), &server_pod.name).len();
 
@@ -278,7 +218,7 @@ fn long_connection_survives_renewals() {
     let client_renewals = renewed_serials(&setup.mesh.log(1), &client_pod.name).len() - before;
     let server_renewals =
         renewed_serials(&setup.mesh.log(2), &server_pod.name).len() - server_before;
-    let result = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+    let result = stdout_line(&output);
 
     assert!(
         result.starts_with("result=ok "),
@@ -319,8 +259,7 @@ fn new_connections_carry_new_serials() {
     };
     let client_pod = setup.island.pod(1, 1);
     let server_pod = setup.island.pod(2, 1);
-    let _server = PeerServer::start(&setup.island, server_pod, &["echo", "0.0.0.0:8080"])
-        .expect("starting the echo server");
+    let _server = start_echo_server(&setup);
     let ca = CertificateAuthority::load(&setup.mesh.ca_dir()).expect("loading the CA");
     let svid = ca
         .issue(&spiffe_id(client_pod), Duration::from_secs(600))
@@ -370,7 +309,7 @@ fn node_refused_other_nodes_workload() {
         227,
         LIFETIME,
         2,
-        |pod| (pod.node_index, pod.index) == (1, 1) || (pod.node_index, pod.index) == (2, 2),
+        Enroll::Pods(&[(1, 1), (2, 2)]),
     ) else {
         return;
     };
@@ -475,13 +414,12 @@ fn root_rotation_under_traffic() {
     };
     let client_pod = setup.island.pod(1, 1);
     let server_pod = setup.island.pod(2, 1);
-    let _server = PeerServer::start(&setup.island, server_pod, &["echo", "0.0.0.0:8080"])
-        .expect("starting the echo server");
+    let _server = start_echo_server(&setup);
     let old_ca = CertificateAuthority::load(&setup.mesh.ca_dir()).expect("loading the old CA");
     let old_svid = old_ca
         .issue(&spiffe_id(client_pod), Duration::from_secs(600))
         .expect("issuing an SVID from the old root");
-    let traffic = Traffic::start(&setup, client_pod, server_pod);
+    let traffic = start_traffic(&setup, client_pod, server_pod);
     let changes = |log: &str| log.matches("trust bundle changed").count();
 
     setup
@@ -565,8 +503,7 @@ fn ca_outage_short_then_long() {
     };
     let client_pod = setup.island.pod(1, 1).clone();
     let server_pod = setup.island.pod(2, 1).clone();
-    let _server = PeerServer::start(&setup.island, &server_pod, &["echo", "0.0.0.0:8080"])
-        .expect("starting the echo server");
+    let _server = start_echo_server(&setup);
     let target = format!("{}:{ECHO_PORT}", server_pod.ip);
 
     // Short outage. Every SVID lives 12 s and is renewed after 5.4 to 6.6 s, so none
@@ -581,7 +518,7 @@ fn ca_outage_short_then_long() {
         "a renewal",
         |log| renewed_serials(log, &client_pod.name).len() > count,
     );
-    let traffic = Traffic::start(&setup, &client_pod, &server_pod);
+    let traffic = start_traffic(&setup, &client_pod, &server_pod);
     std::thread::sleep(Duration::from_secs(5));
     setup.mesh.stop_ca().expect("stopping the CA");
     std::thread::sleep(Duration::from_millis(2500));
@@ -620,7 +557,7 @@ fn ca_outage_short_then_long() {
         &["client", &target, "--bytes", "1000"],
     )
     .expect("running mesh-peer");
-    let result = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+    let result = stdout_line(&output);
     assert!(
         !result.starts_with("result=ok"),
         "a connection succeeded with an expired SVID"
@@ -655,25 +592,17 @@ fn ca_outage_short_then_long() {
         &["client", &target, "--bytes", "1000"],
     )
     .expect("running mesh-peer");
-    let result = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+    let result = stdout_line(&output);
     assert_eq!(result, "result=ok sent=1000 received=1000");
 }
 
 #[test]
 fn intermediate_ca_serves_mesh() {
-    let test = "intermediate_ca_serves_mesh";
-    if !require_privileges(test) {
+    let Some((island, work_dir)) =
+        start_island("intermediate_ca_serves_mesh", "id6", 230, 2, 1, "identity")
+    else {
         return;
-    }
-    let spec = IslandSpec {
-        prefix: "id6".to_owned(),
-        nodes: 2,
-        pods_per_node: 1,
-        subnet: 230,
     };
-    let island = Island::up(spec).expect("building the island");
-    let work_dir = std::env::temp_dir().join("interceptor-identity-id6");
-    let _ = std::fs::remove_dir_all(&work_dir);
     let operator_dir = work_dir.join("operator");
     let ca_dir = work_dir.join("ca");
     let init = |args: &[&str]| {
@@ -709,7 +638,7 @@ fn intermediate_ca_serves_mesh() {
     let target = format!("{}:{ECHO_PORT}", server_pod.ip);
     let output = run_peer(&island, client_pod, &["client", &target, "--bytes", "1000"])
         .expect("running mesh-peer");
-    let result = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+    let result = stdout_line(&output);
     assert_eq!(result, "result=ok sent=1000 received=1000");
 
     // The published bundle is the operator's root alone.

@@ -6,128 +6,16 @@
 //! Every test builds its own island (prefixes starting with `in`, subnets 232 to 239),
 //! so the tests run in parallel with each other and with the other test files.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use interceptor_tests::mesh::{mesh_peer_bin, run_peer, scaled, spawn_peer, Mesh, PeerServer};
-use interceptor_tests::{require_privileges, spawn_in, DirectoryExtras, Island, IslandSpec, Pod};
-
-/// A running island with a mesh on it. Fields drop in order: the mesh's daemons stop
-/// before the island's namespaces go.
-struct Setup {
-    mesh: Mesh,
-    island: Island,
-}
-
-/// Builds an island of 2 nodes with `pods_per_node` pods each, enrolls the pods named
-/// by (node, pod) in `enrolled` with `extras` in the directory, and starts the daemons.
-/// Returns `None` when the test cannot run here (outside CI only).
-fn setup(
-    test: &str,
-    prefix: &str,
-    subnet: u8,
-    pods_per_node: usize,
-    enrolled: &[(usize, usize)],
-    extras: impl Fn(&Island, &Path) -> DirectoryExtras,
-    daemon_args: &[&str],
-) -> Option<Setup> {
-    if !require_privileges(test) {
-        return None;
-    }
-    let spec = IslandSpec {
-        prefix: prefix.to_owned(),
-        nodes: 2,
-        pods_per_node,
-        subnet,
-    };
-    let island = Island::up(spec).expect("building the island");
-    let work_dir = std::env::temp_dir().join(format!("interceptor-e2e-{prefix}"));
-    let _ = std::fs::remove_dir_all(&work_dir);
-    std::fs::create_dir_all(&work_dir).expect("creating the work directory");
-    let pods: Vec<_> = enrolled
-        .iter()
-        .map(|&(node, pod)| island.pod(node, pod))
-        .collect();
-    let extras = extras(&island, &work_dir);
-    let mesh = Mesh::start_with(&island, &work_dir, &pods, &extras, daemon_args)
-        .expect("starting the mesh");
-    Some(Setup { mesh, island })
-}
-
-/// Where a test client runs.
-#[derive(Clone, Copy, Debug)]
-enum From {
-    /// Pod (node, pod), in its namespace and cgroup.
-    Pod(usize, usize),
-    /// The node's own namespace, whose source address towards its pods is the probe
-    /// address `10.K.<node>.1`.
-    Node(usize),
-}
-
-impl From {
-    fn source_ip(self, island: &Island) -> String {
-        match self {
-            Self::Pod(node, pod) => island.pod(node, pod).ip.to_string(),
-            Self::Node(node) => island.node(node).pod_gateway_ip.to_string(),
-        }
-    }
-}
-
-/// Runs `mesh-peer ARGS` at `from` and returns its stdout line and how long it took.
-fn run_from(island: &Island, from: From, args: &[&str]) -> (String, Duration) {
-    let started = Instant::now();
-    let output: Output = match from {
-        From::Pod(node, pod) => run_peer(island, island.pod(node, pod), args),
-        From::Node(node) => {
-            let mut command = Command::new(mesh_peer_bin());
-            command
-                .args(args)
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped());
-            spawn_in(&island.node(node).netns_path, None, &mut command)
-                .and_then(|child| child.wait_with_output())
-        }
-    }
-    .expect("running mesh-peer");
-    let line = String::from_utf8_lossy(&output.stdout).trim().to_owned();
-    (line, started.elapsed())
-}
-
-/// Returns how many connections from `ip` the server has printed an `accepted` line
-/// for so far.
-fn accepted_count(server: &PeerServer, ip: &str) -> usize {
-    let prefix = format!("{ip}:");
-    server
-        .accepted()
-        .iter()
-        .filter(|peer| peer.starts_with(&prefix))
-        .count()
-}
-
-/// Returns whether `server` printed an `accepted` line for a connection from `ip`,
-/// waiting up to 5 s (scaled) for it. The server prints the line before it echoes,
-/// but a thread collects its output, so the line can arrive after the client's result.
-fn accepted_from(server: &PeerServer, ip: &str) -> bool {
-    let deadline = Instant::now() + scaled(Duration::from_secs(5));
-    while accepted_count(server, ip) == 0 {
-        if Instant::now() > deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    true
-}
-
-/// Returns whether `server` accepted a connection from `ip`, after a pause of 200 ms
-/// for output still on its way, so a check that nothing was accepted can fail.
-fn accepted_so_far(server: &PeerServer, ip: &str) -> bool {
-    std::thread::sleep(Duration::from_millis(200));
-    accepted_count(server, ip) > 0
-}
+use interceptor_tests::clients::{
+    accepted_count, accepted_from, accepted_so_far, assert_quick_reset, eth0_index,
+    link_local_addr, run_client, wait_until, Client, HeldConnection,
+};
+use interceptor_tests::mesh::PeerServer;
+use interceptor_tests::setup::{start_test_mesh, work_dir, Enroll, MeshOptions};
+use interceptor_tests::{DirectoryExtras, Island};
 
 const ECHO_OK: &str = "result=ok sent=1000 received=1000";
 
@@ -146,7 +34,7 @@ enum Expect {
 /// client must see.
 struct Case {
     name: &'static str,
-    from: From,
+    from: Client,
     server: (usize, usize, u16),
     expect_banner: Option<&'static str>,
     expect: Expect,
@@ -198,14 +86,16 @@ fn modes_extras(island: &Island, _work_dir: &Path) -> DirectoryExtras {
 
 #[test]
 fn inbound_modes_probes_and_exclusions() {
-    let Some(setup) = setup(
+    let Some(setup) = start_test_mesh(
         "inbound_modes_probes_and_exclusions",
         "inmode",
         232,
-        3,
-        &[(1, 1), (2, 1), (2, 2)],
-        modes_extras,
-        &[],
+        MeshOptions {
+            pods_per_node: 3,
+            enroll: Enroll::Pods(&[(1, 1), (2, 1), (2, 2)]),
+            extras: Some(&modes_extras),
+            ..MeshOptions::default()
+        },
     ) else {
         return;
     };
@@ -223,10 +113,10 @@ fn inbound_modes_probes_and_exclusions() {
             start(2, 2, &["banner", "0.0.0.0:8082", BANNER]),
         ),
     ];
-    let mesh_client = From::Pod(1, 1);
-    let plain_client = From::Pod(1, 2);
-    let excluded_client = From::Pod(1, 3);
-    let probe = From::Node(2);
+    let mesh_client = Client::Pod(1, 1);
+    let plain_client = Client::Pod(1, 2);
+    let excluded_client = Client::Pod(1, 3);
+    let probe = Client::Node(2);
     let cases = [
         Case {
             name: "mesh client to strict",
@@ -321,7 +211,7 @@ fn inbound_modes_probes_and_exclusions() {
         }
         let source = case.from.source_ip(island);
         let accepted_before = accepted_so_far(server, &source);
-        let (line, _) = run_from(island, case.from, &args);
+        let (line, _) = run_client(island, case.from, &args);
         match case.expect {
             Expect::Delivered => {
                 assert_eq!(line, ECHO_OK, "{}", case.name);
@@ -373,14 +263,16 @@ fn inbound_modes_probes_and_exclusions() {
 
 #[test]
 fn outbound_exclusions_bypass_the_mesh() {
-    let Some(setup) = setup(
+    let Some(setup) = start_test_mesh(
         "outbound_exclusions_bypass_the_mesh",
         "inexcl",
         235,
-        3,
-        &[(1, 1)],
-        modes_extras,
-        &[],
+        MeshOptions {
+            pods_per_node: 3,
+            enroll: Enroll::Pods(&[(1, 1)]),
+            extras: Some(&modes_extras),
+            ..MeshOptions::default()
+        },
     ) else {
         return;
     };
@@ -404,7 +296,7 @@ fn outbound_exclusions_bypass_the_mesh() {
         ("excluded network", &excluded_network, pod_local.as_str()),
         ("captured", &captured, "local=127.0.0.1:"),
     ] {
-        let (line, _) = run_from(island, From::Pod(1, 1), &["connect-only", dst]);
+        let (line, _) = run_client(island, Client::Pod(1, 1), &["connect-only", dst]);
         assert!(
             line.starts_with(&format!("result=connected {local}")),
             "{name}: expected {local}, got {line:?}"
@@ -443,14 +335,16 @@ fn closed_extras(island: &Island, _work_dir: &Path) -> DirectoryExtras {
 
 #[test]
 fn inbound_fails_closed_without_daemon() {
-    let Some(mut setup) = setup(
+    let Some(mut setup) = start_test_mesh(
         "inbound_fails_closed_without_daemon",
         "inclosed",
         233,
-        2,
-        &[(1, 1), (2, 1)],
-        closed_extras,
-        &[],
+        MeshOptions {
+            pods_per_node: 2,
+            enroll: Enroll::Pods(&[(1, 1), (2, 1)]),
+            extras: Some(&closed_extras),
+            ..MeshOptions::default()
+        },
     ) else {
         return;
     };
@@ -466,7 +360,7 @@ fn inbound_fails_closed_without_daemon() {
         .expect("starting the IPv6 app");
     // Pods of one node share a bridge, so n2-p2 reaches n2-p1's link-local address
     // once both addresses have left duplicate address detection.
-    let ipv6_client = From::Pod(2, 2);
+    let ipv6_client = Client::Pod(2, 2);
     link_local_addr(island.pod(2, 2));
     let ipv6_addr = format!(
         "[{}%{}]:8086",
@@ -476,10 +370,10 @@ fn inbound_fails_closed_without_daemon() {
     let app_addr = format!("{}:8080", server_pod.ip);
     let probe_addr = format!("{}:8081", server_pod.ip);
     let excluded_addr = format!("{}:9000", server_pod.ip);
-    let plain_client = From::Pod(1, 2);
-    let mesh_client = From::Pod(1, 1);
+    let plain_client = Client::Pod(1, 2);
+    let mesh_client = Client::Pod(1, 1);
     let echo =
-        |from: From, dst: &str| run_from(island, from, &["client", dst, "--bytes", "1000"]).0;
+        |from: Client, dst: &str| run_client(island, from, &["client", dst, "--bytes", "1000"]).0;
 
     let plain_ip = island.pod(1, 2).ip.to_string();
     let mesh_ip = island.pod(1, 1).ip.to_string();
@@ -511,7 +405,7 @@ fn inbound_fails_closed_without_daemon() {
         app.accepted()
     );
     assert_eq!(
-        echo(From::Node(2), &probe_addr),
+        echo(Client::Node(2), &probe_addr),
         ECHO_OK,
         "probe with the daemon down"
     );
@@ -558,66 +452,6 @@ fn inbound_fails_closed_without_daemon() {
     );
 }
 
-/// Runs `ip ARGS` in `pod`'s network namespace and returns its output.
-fn ip_in(pod: &Pod, args: &[&str]) -> String {
-    let output = Command::new("ip")
-        .args(["netns", "exec", &pod.name, "ip"])
-        .args(args)
-        .output()
-        .expect("running ip");
-    assert!(output.status.success(), "ip {args:?} failed: {output:?}");
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-/// Returns the link-local IPv6 address of `pod`'s `eth0` once duplicate address
-/// detection has finished with it.
-fn link_local_addr(pod: &Pod) -> String {
-    let deadline = Instant::now() + scaled(Duration::from_secs(10));
-    loop {
-        let text = ip_in(
-            pod,
-            &[
-                "-6",
-                "-o",
-                "addr",
-                "show",
-                "dev",
-                "eth0",
-                "scope",
-                "link",
-                "-tentative",
-            ],
-        );
-        // "2: eth0    inet6 fe80::1/64 scope link ..."
-        let addr = text
-            .split_whitespace()
-            .skip_while(|word| *word != "inet6")
-            .nth(1)
-            .and_then(|cidr| cidr.split('/').next())
-            .map(str::to_owned);
-        if let Some(addr) = addr {
-            return addr;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} has no usable link-local address",
-            pod.name
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// Returns the interface index of `pod`'s `eth0`, the scope of link-local addresses
-/// dialed from it.
-fn eth0_index(pod: &Pod) -> u32 {
-    let text = ip_in(pod, &["-o", "link", "show", "dev", "eth0"]);
-    // "2: eth0@if5: <BROADCAST,..."
-    text.split(':')
-        .next()
-        .and_then(|index| index.trim().parse().ok())
-        .expect("an interface index")
-}
-
 fn deny_policy(name: &str, from: &str, port: u16) -> String {
     format!(
         "apiVersion: security.istio.io/v1
@@ -646,36 +480,37 @@ spec:
 /// plaintext client on port 8080 and the mesh client on port 8083; port 8084 is open.
 #[test]
 fn denied_clients_are_reset() {
-    let policy_path = std::env::temp_dir()
-        .join("interceptor-e2e-inpolicy")
-        .join("policies.yaml");
+    let policy_path = work_dir("e2e", "inpolicy").join("policies.yaml");
     let policy_arg = policy_path.to_string_lossy().into_owned();
-    let Some(setup) = setup(
+    let extras = |island: &Island, _work_dir: &Path| {
+        let plain = island.pod(1, 2).ip;
+        let text = [
+            deny_policy("deny-plain", &format!("ipBlocks: [\"{plain}/32\"]"), 8080),
+            deny_policy(
+                "deny-mesh",
+                "principals: [\"cluster.local/ns/default/sa/p1\"]",
+                8083,
+            ),
+        ]
+        .join("---\n");
+        std::fs::write(&policy_path, text).expect("writing the policy file");
+        let mut extras = DirectoryExtras::default();
+        extras.sections.insert(
+            island.pod(2, 1).name.clone(),
+            "labels = { app = \"web\" }\n".to_owned(),
+        );
+        extras
+    };
+    let Some(setup) = start_test_mesh(
         "denied_clients_are_reset",
         "inpolicy",
         234,
-        2,
-        &[(1, 1), (2, 1)],
-        |island, _work_dir| {
-            let plain = island.pod(1, 2).ip;
-            let text = [
-                deny_policy("deny-plain", &format!("ipBlocks: [\"{plain}/32\"]"), 8080),
-                deny_policy(
-                    "deny-mesh",
-                    "principals: [\"cluster.local/ns/default/sa/p1\"]",
-                    8083,
-                ),
-            ]
-            .join("---\n");
-            std::fs::write(&policy_path, text).expect("writing the policy file");
-            let mut extras = DirectoryExtras::default();
-            extras.sections.insert(
-                island.pod(2, 1).name.clone(),
-                "labels = { app = \"web\" }\n".to_owned(),
-            );
-            extras
+        MeshOptions {
+            enroll: Enroll::Pods(&[(1, 1), (2, 1)]),
+            extras: Some(&extras),
+            daemon_args: &["--policies", &policy_arg],
+            ..MeshOptions::default()
         },
-        &["--policies", &policy_arg],
     ) else {
         return;
     };
@@ -690,8 +525,8 @@ fn denied_clients_are_reset() {
             (port, server)
         })
         .collect();
-    let plain_client = From::Pod(1, 2);
-    let mesh_client = From::Pod(1, 1);
+    let plain_client = Client::Pod(1, 2);
+    let mesh_client = Client::Pod(1, 1);
     let cases = [
         ("plaintext denied", plain_client, 8080, false),
         ("mesh denied", mesh_client, 8083, false),
@@ -706,7 +541,7 @@ fn denied_clients_are_reset() {
             .1;
         let dst = format!("{}:{port}", server_pod.ip);
         let source = from.source_ip(island);
-        let (line, took) = run_from(island, from, &["client", &dst, "--bytes", "1000"]);
+        let (line, took) = run_client(island, from, &["client", &dst, "--bytes", "1000"]);
         if allowed {
             assert_eq!(line, ECHO_OK, "{name}");
             assert!(
@@ -715,14 +550,7 @@ fn denied_clients_are_reset() {
             );
             continue;
         }
-        assert!(
-            line.starts_with("result=reset") || line.starts_with("result=refused"),
-            "{name}: expected a reset, got {line:?}"
-        );
-        assert!(
-            took < scaled(Duration::from_secs(1)),
-            "{name}: the reset took {took:?}"
-        );
+        assert_quick_reset(name, &line, took);
         assert!(
             !accepted_so_far(server, &source),
             "{name}: the app accepted a denied connection"
@@ -769,7 +597,7 @@ fn denied_clients_are_reset() {
     let deny_8084 = deny_policy("deny-8084", &format!("ipBlocks: [\"{plain}/32\"]"), 8084);
     std::fs::write(&policy_path, &deny_8084).expect("rewriting the policy file");
     wait_until("the reloaded policy denies new connections", || {
-        let (line, _) = run_from(
+        let (line, _) = run_client(
             island,
             plain_client,
             &["client", &dst_8084, "--bytes", "10"],
@@ -807,53 +635,4 @@ fn denied_clients_are_reset() {
                 && l.contains("denied by policy default/deny-8084")),
         "no close event for the cut connection:\n{log}"
     );
-}
-
-/// Polls `condition` every 100 ms until it holds, for up to 10 s (scaled).
-fn wait_until(what: &str, condition: impl Fn() -> bool) {
-    let deadline = Instant::now() + scaled(Duration::from_secs(10));
-    while !condition() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// A `mesh-peer hold` client in a pod, with its `result=` line collected when it
-/// comes.
-struct HeldConnection {
-    child: std::process::Child,
-    lines: Arc<Mutex<Vec<String>>>,
-}
-
-impl HeldConnection {
-    fn start(island: &Island, pod: &Pod, dst: &str) -> HeldConnection {
-        let mut child = spawn_peer(island, pod, &["hold", dst]).expect("starting mesh-peer hold");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let collected = Arc::clone(&lines);
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if line.starts_with("result=") {
-                    collected
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .push(line);
-                }
-            }
-        });
-        HeldConnection { child, lines }
-    }
-
-    /// Returns the `result=` lines so far, which stay empty while the connection is
-    /// open.
-    fn lines(&self) -> Vec<String> {
-        self.lines.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-}
-
-impl Drop for HeldConnection {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }

@@ -5,16 +5,15 @@
 //! Every test builds its own island (prefixes starting with `pt`, subnets 245 to 250),
 //! so the tests run in parallel with each other and with the other test files.
 
-use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::time::Duration;
 
-use interceptor_tests::mesh::{mesh_peer_bin, run_peer, scaled, spawn_peer, Mesh, PeerServer};
-use interceptor_tests::{require_privileges, spawn_in, DirectoryExtras, Island, IslandSpec, Pod};
+use interceptor_tests::clients::{
+    accepted_count, assert_quick_reset, run_client, wait_until, Client, HeldConnection, Traffic,
+};
+use interceptor_tests::mesh::{scaled, Mesh, PeerServer};
+use interceptor_tests::setup::{start_test_mesh, work_dir, Enroll, MeshOptions, TestMesh};
+use interceptor_tests::{DirectoryExtras, Island, Pod};
 
 /// The daemon's log line after each successful policy load from a changed file.
 const RELOADED: &str = "reloaded authorization policies";
@@ -23,14 +22,6 @@ const RELOADED: &str = "reloaded authorization policies";
 const RELOAD_FAILED: &str = "reloading authorization policies failed";
 
 const ECHO_OK: &str = "result=ok sent=1000 received=1000";
-
-/// A running island with a mesh on it. Fields drop in order: the mesh's daemons stop
-/// before the island's namespaces go.
-struct Setup {
-    mesh: Mesh,
-    island: Island,
-    policy_path: PathBuf,
-}
 
 /// A workload of the island: pod `pod` of node `node`, with its namespace and `app`
 /// label.
@@ -50,6 +41,9 @@ const fn workload(node: usize, pod: usize, namespace: &'static str, app: &'stati
     }
 }
 
+/// Name of the policy file in the work directory.
+const POLICY_FILE: &str = "policies.yaml";
+
 /// Builds an island of 2 nodes with 3 pods each, enrolls `workloads`, writes
 /// `policies` to the policy file and starts the daemons with `--policies` and
 /// `daemon_args`. Returns `None` when the test cannot run here (outside CI only).
@@ -60,128 +54,56 @@ fn setup(
     workloads: &[Workload],
     policies: &str,
     daemon_args: &[&str],
-) -> Option<Setup> {
-    if !require_privileges(test) {
-        return None;
-    }
-    let spec = IslandSpec {
-        prefix: prefix.to_owned(),
-        nodes: 2,
-        pods_per_node: 3,
-        subnet,
-    };
-    let island = Island::up(spec).expect("building the island");
-    let work_dir = std::env::temp_dir().join(format!("interceptor-e2e-{prefix}"));
-    let _ = std::fs::remove_dir_all(&work_dir);
-    std::fs::create_dir_all(&work_dir).expect("creating the work directory");
-    let policy_path = work_dir.join("policies.yaml");
-    std::fs::write(&policy_path, policies).expect("writing the policy file");
-
-    let mut extras = DirectoryExtras::default();
-    let mut pods = Vec::new();
-    for workload in workloads {
-        let pod = island.pod(workload.node, workload.pod);
+) -> Option<TestMesh> {
+    let enrolled: Vec<(usize, usize)> = workloads.iter().map(|w| (w.node, w.pod)).collect();
+    let extras = |island: &Island, work_dir: &Path| {
+        std::fs::write(work_dir.join(POLICY_FILE), policies).expect("writing the policy file");
+        let mut extras = DirectoryExtras::default();
+        for workload in workloads {
+            let pod = island.pod(workload.node, workload.pod);
+            extras
+                .namespaces
+                .insert(pod.name.clone(), workload.namespace.to_owned());
+            extras.sections.insert(
+                pod.name.clone(),
+                format!("labels = {{ app = \"{}\" }}\n", workload.app),
+            );
+        }
         extras
-            .namespaces
-            .insert(pod.name.clone(), workload.namespace.to_owned());
-        extras.sections.insert(
-            pod.name.clone(),
-            format!("labels = {{ app = \"{}\" }}\n", workload.app),
-        );
-        pods.push(pod);
-    }
+    };
+    let policy_path = work_dir("e2e", prefix).join(POLICY_FILE);
     let policy_arg = policy_path.to_string_lossy().into_owned();
     let mut args = vec!["--policies", policy_arg.as_str()];
     args.extend_from_slice(daemon_args);
-    let mesh =
-        Mesh::start_with(&island, &work_dir, &pods, &extras, &args).expect("starting the mesh");
-    Some(Setup {
-        mesh,
-        island,
-        policy_path,
-    })
+    let options = MeshOptions {
+        pods_per_node: 3,
+        enroll: Enroll::Pods(&enrolled),
+        extras: Some(&extras),
+        daemon_args: &args,
+        ..MeshOptions::default()
+    };
+    start_test_mesh(test, prefix, subnet, options)
 }
 
-impl Setup {
-    /// Replaces the policy file with `text` and waits until node 2's daemon logs
-    /// `marker` once more than before: [`RELOADED`] for a valid file, [`RELOAD_FAILED`]
-    /// for a broken one.
-    ///
-    /// The new file is renamed into place, so the daemon's poll never reads it half
-    /// written.
-    fn replace_policies(&self, text: &str, marker: &str) {
-        let before = self.mesh.log(2).matches(marker).count();
-        let staged = self.policy_path.with_extension("staged");
-        std::fs::write(&staged, text).expect("writing the new policy file");
-        std::fs::rename(&staged, &self.policy_path).expect("renaming the new policy file");
-        let log = self
-            .mesh
-            .log_when(2, |log| log.matches(marker).count() > before);
-        assert!(
-            log.matches(marker).count() > before,
-            "node 2's daemon did not log {marker:?} after the policy file changed:\n{log}"
-        );
-    }
-}
-
-/// Where a test client runs.
-#[derive(Clone, Copy, Debug)]
-enum From {
-    /// Pod (node, pod), in its namespace and cgroup.
-    Pod(usize, usize),
-    /// The node's own namespace, whose source address towards its pods is
-    /// `10.K.<node>.1`.
-    Node(usize),
-}
-
-impl From {
-    fn source_ip(self, island: &Island) -> String {
-        match self {
-            Self::Pod(node, pod) => island.pod(node, pod).ip.to_string(),
-            Self::Node(node) => island.node(node).pod_gateway_ip.to_string(),
-        }
-    }
-}
-
-/// Runs `mesh-peer ARGS` at `from` and returns its stdout line and how long it took.
-fn run_from(island: &Island, from: From, args: &[&str]) -> (String, Duration) {
-    let started = Instant::now();
-    let output = match from {
-        From::Pod(node, pod) => run_peer(island, island.pod(node, pod), args),
-        From::Node(node) => {
-            let mut command = Command::new(mesh_peer_bin());
-            command
-                .args(args)
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped());
-            spawn_in(&island.node(node).netns_path, None, &mut command)
-                .and_then(|child| child.wait_with_output())
-        }
-    }
-    .expect("running mesh-peer");
-    let line = String::from_utf8_lossy(&output.stdout).trim().to_owned();
-    (line, started.elapsed())
-}
-
-/// Returns how many connections from `ip` the server has printed an `accepted` line
-/// for so far.
-fn accepted_count(server: &PeerServer, ip: &str) -> usize {
-    let prefix = format!("{ip}:");
-    server
-        .accepted()
-        .iter()
-        .filter(|peer| peer.starts_with(&prefix))
-        .count()
-}
-
-/// Polls `condition` every 50 ms until it holds, for up to 10 s (scaled).
-fn wait_until(what: &str, condition: impl Fn() -> bool) {
-    let deadline = Instant::now() + scaled(Duration::from_secs(10));
-    while !condition() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+/// Replaces the policy file with `text` and waits until node 2's daemon logs `marker`
+/// once more than before: [`RELOADED`] for a valid file, [`RELOAD_FAILED`] for a
+/// broken one.
+///
+/// The new file is renamed into place, so the daemon's poll never reads it half
+/// written.
+fn replace_policies(setup: &TestMesh, text: &str, marker: &str) {
+    let before = setup.mesh.log(2).matches(marker).count();
+    let policy_path = setup.work_dir.join(POLICY_FILE);
+    let staged = policy_path.with_extension("staged");
+    std::fs::write(&staged, text).expect("writing the new policy file");
+    std::fs::rename(&staged, &policy_path).expect("renaming the new policy file");
+    let log = setup
+        .mesh
+        .log_when(2, |log| log.matches(marker).count() > before);
+    assert!(
+        log.matches(marker).count() > before,
+        "node 2's daemon did not log {marker:?} after the policy file changed:\n{log}"
+    );
 }
 
 /// Returns node 2's first `connection closed` line after byte `offset` of its log for
@@ -293,7 +215,7 @@ impl Dst {
 /// One row of the table: a client, a destination and what the client must see.
 struct Row {
     name: &'static str,
-    from: From,
+    from: Client,
     dst: Dst,
     port: u16,
     expect: Expect,
@@ -312,10 +234,10 @@ const P2: &str = "cluster.local/ns/other/sa/p2";
 /// Builds the groups of [`policy_table`]. `p2_ip` is the mesh client n1-p2's address,
 /// `plain_ip` the plaintext client n1-p3's.
 fn table_groups(p2_ip: &str, plain_ip: &str) -> Vec<Group> {
-    let p1 = From::Pod(1, 1);
-    let p2 = From::Pod(1, 2);
-    let plain = From::Pod(1, 3);
-    let node = From::Node(2);
+    let p1 = Client::Pod(1, 1);
+    let p2 = Client::Pod(1, 2);
+    let plain = Client::Pod(1, 3);
+    let node = Client::Node(2);
     let row = |name, from, dst, port, expect| Row {
         name,
         from,
@@ -654,7 +576,7 @@ fn policy_table() {
     for (index, group) in table_groups(&p2_ip, &plain_ip).into_iter().enumerate() {
         // The daemons started with the first group's (empty) file.
         if index > 0 {
-            setup.replace_policies(&group.policies, RELOADED);
+            replace_policies(&setup, &group.policies, RELOADED);
         }
         for row in &group.rows {
             let name = format!("{} / {}", group.name, row.name);
@@ -669,7 +591,7 @@ fn policy_table() {
 }
 
 /// Runs one row's client and checks what it, the server and node 2's daemon saw.
-fn check_row(setup: &Setup, name: &str, row: &Row, server: &PeerServer) {
+fn check_row(setup: &TestMesh, name: &str, row: &Row, server: &PeerServer) {
     let island = &setup.island;
     let dst = format!("{}:{}", island.pod(2, row.dst.pod()).ip, row.port);
     let source = row.from.source_ip(island);
@@ -678,7 +600,7 @@ fn check_row(setup: &Setup, name: &str, row: &Row, server: &PeerServer) {
     let accepted_before = accepted_count(server, &source);
     let log_offset = setup.mesh.log(2).len();
 
-    let (line, took) = run_from(island, row.from, &["client", &dst, "--bytes", "1000"]);
+    let (line, took) = run_client(island, row.from, &["client", &dst, "--bytes", "1000"]);
     let close = close_event(&setup.mesh, log_offset, &source, &dst);
     let close = close.unwrap_or_else(|| {
         panic!(
@@ -707,14 +629,7 @@ fn check_row(setup: &Setup, name: &str, row: &Row, server: &PeerServer) {
             );
         }
         Expect::Denied { error } => {
-            assert!(
-                line.starts_with("result=reset") || line.starts_with("result=refused"),
-                "{name}: expected a reset, got {line:?}"
-            );
-            assert!(
-                took < scaled(Duration::from_secs(1)),
-                "{name}: the reset took {took:?}"
-            );
+            assert_quick_reset(name, &line, took);
             assert!(
                 close.contains(&format!(" error={error}")),
                 "{name}: the close event does not give {error:?}: {close}"
@@ -731,114 +646,19 @@ fn check_row(setup: &Setup, name: &str, row: &Row, server: &PeerServer) {
     }
 }
 
-/// A `mesh-peer hold` client in a pod, with its `result=` line collected when it
-/// comes.
-struct HeldConnection {
-    child: std::process::Child,
-    lines: Arc<Mutex<Vec<String>>>,
-}
-
-impl HeldConnection {
-    fn start(island: &Island, pod: &Pod, dst: &str) -> HeldConnection {
-        let mut child = spawn_peer(island, pod, &["hold", dst]).expect("starting mesh-peer hold");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let collected = Arc::clone(&lines);
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if line.starts_with("result=") {
-                    collected
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .push(line);
-                }
-            }
-        });
-        HeldConnection { child, lines }
-    }
-
-    /// Returns the `result=` lines so far, which stay empty while the connection is
-    /// open.
-    fn lines(&self) -> Vec<String> {
-        self.lines.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-}
-
-impl Drop for HeldConnection {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// Echo requests per `mesh-peer client --repeat` run of [`Traffic`].
 const REQUESTS_PER_RUN: usize = 5;
 
-/// Continuous request and response traffic from one pod: a thread that runs
-/// `mesh-peer client DST --bytes 1000 --repeat 5` in the pod, one run after another,
-/// until it is stopped. Each run opens 5 connections in turn and prints one line.
-struct Traffic {
-    stop: Arc<AtomicBool>,
-    lines: Arc<Mutex<Vec<String>>>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Traffic {
-    fn start(island: &Island, pod: &Pod, dst: &str) -> Traffic {
-        let netns = pod.netns_path.clone();
-        let cgroup = island.cgroup_dir(&pod.cgroup);
-        let repeat = REQUESTS_PER_RUN.to_string();
-        let args = ["client", dst, "--bytes", "1000", "--repeat", &repeat].map(str::to_owned);
-        let stop = Arc::new(AtomicBool::new(false));
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let (stop_flag, collected) = (Arc::clone(&stop), Arc::clone(&lines));
-        let thread = std::thread::spawn(move || {
-            while !stop_flag.load(Ordering::Relaxed) {
-                let mut command = Command::new(mesh_peer_bin());
-                command
-                    .args(&args)
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::piped())
-                    .stderr(Stdio::piped());
-                let output = spawn_in(&netns, Some(&cgroup), &mut command)
-                    .and_then(|child| child.wait_with_output())
-                    .expect("running mesh-peer client");
-                let line = String::from_utf8_lossy(&output.stdout).trim().to_owned();
-                collected
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push(line);
-            }
-        });
-        Traffic {
-            stop,
-            lines,
-            thread: Some(thread),
-        }
-    }
-
-    /// Returns the output line of every run so far.
-    fn lines(&self) -> Vec<String> {
-        self.lines.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    /// Stops after the current run and returns the output line of every run.
-    fn finish(mut self) -> Vec<String> {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            thread.join().expect("the traffic thread panicked");
-        }
-        self.lines()
-    }
-}
-
-impl Drop for Traffic {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
+/// Starts continuous request and response traffic from `pod` to `dst`: `mesh-peer
+/// client DST --bytes 1000 --repeat 5`, one run after another, until it is stopped.
+/// Each run opens 5 connections in turn and prints one line.
+fn start_traffic(island: &Island, pod: &Pod, dst: &str) -> Traffic {
+    let repeat = REQUESTS_PER_RUN.to_string();
+    Traffic::start(
+        island,
+        pod,
+        &["client", dst, "--bytes", "1000", "--repeat", &repeat],
+    )
 }
 
 /// Island `ptreload`: n1-p1 (namespace `default`, service account `p1`) and n1-p2
@@ -919,8 +739,9 @@ fn policy_reload_under_traffic() {
         .expect("starting the server on 8081");
     let dst = format!("{}:8080", server_pod.ip);
     let dst_8081 = format!("{}:8081", server_pod.ip);
-    let (p2, plain) = (From::Pod(1, 2), From::Pod(1, 3));
-    let echo = |from: From, dst: &str| run_from(island, from, &["client", dst, "--bytes", "1000"]);
+    let (p2, plain) = (Client::Pod(1, 2), Client::Pod(1, 3));
+    let echo =
+        |from: Client, dst: &str| run_client(island, from, &["client", dst, "--bytes", "1000"]);
 
     // One held connection per client pod of node 1, each accepted before the traffic
     // starts.
@@ -938,7 +759,7 @@ fn policy_reload_under_traffic() {
         .collect();
     let traffic: Vec<Traffic> = [(1, 1), (1, 1), (1, 3), (1, 3)]
         .into_iter()
-        .map(|(node, pod)| Traffic::start(island, island.pod(node, pod), &dst))
+        .map(|(node, pod)| start_traffic(island, island.pod(node, pod), &dst))
         .collect();
     let wait_for_runs = |what: &str| {
         let counts: Vec<usize> = traffic.iter().map(|t| t.lines().len()).collect();
@@ -970,7 +791,11 @@ fn policy_reload_under_traffic() {
     };
 
     // A new DENY for another port leaves n1-p2 allowed on 8080.
-    setup.replace_policies(&policy_file(&[allow_web, deny_plain_8081]), RELOADED);
+    replace_policies(
+        &setup,
+        &policy_file(&[allow_web, deny_plain_8081]),
+        RELOADED,
+    );
     wait_for_runs("after the DENY on 8081");
     assert_plain_8081_denied("after the DENY on 8081");
     assert_eq!(echo(p2, &dst).0, ECHO_OK, "n1-p2 after the DENY on 8081");
@@ -985,13 +810,14 @@ fn policy_reload_under_traffic() {
         }
         .render()
     );
-    setup.replace_policies(&broken, RELOAD_FAILED);
+    replace_policies(&setup, &broken, RELOAD_FAILED);
     wait_for_runs("after the broken file");
     assert_plain_8081_denied("after the broken file");
     assert_eq!(echo(p2, &dst).0, ECHO_OK, "n1-p2 after the broken file");
 
     // A DENY for n1-p2 cuts its open connection and resets its new ones.
-    setup.replace_policies(
+    replace_policies(
+        &setup,
         &policy_file(&[allow_web, deny_plain_8081, deny_p2]),
         RELOADED,
     );
@@ -1036,7 +862,8 @@ fn policy_reload_under_traffic() {
     wait_for_runs("after the DENY for n1-p2");
 
     // One more change, and the DENY for n1-p2 stays in force.
-    setup.replace_policies(
+    replace_policies(
+        &setup,
         &policy_file(&[deny_p2, allow_web, deny_plain_8081, dry_deny_p1]),
         RELOADED,
     );

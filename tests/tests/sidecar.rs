@@ -7,14 +7,13 @@
 //! in parallel with each other and with the daemon's tests.
 
 use std::path::PathBuf;
-use std::process::Output;
+use std::time::{Duration, Instant};
 
-use interceptor_tests::mesh::{run_peer, PeerServer, TRUST_DOMAIN};
+use interceptor_tests::clients::{run_client, spiffe_id, Client};
+use interceptor_tests::mesh::{scaled, PeerServer};
+use interceptor_tests::setup::start_island;
 use interceptor_tests::sidecar::{nat_rules, SidecarMesh};
-use interceptor_tests::{
-    contains, mesh_peer_payload, require_privileges, tls_record_counts, Capture, Island,
-    IslandSpec, Pod,
-};
+use interceptor_tests::{contains, mesh_peer_payload, tls_record_counts, Capture, Island, Pod};
 
 /// A running island with sidecars on it. Fields drop in order: the sidecars stop
 /// before the island's namespaces go.
@@ -31,18 +30,7 @@ struct Setup {
 /// A pod's service account is its short name, so the two enrolled pods have different
 /// SPIFFE IDs and a log that swapped them would fail the checks.
 fn setup(test: &str, prefix: &str, subnet: u8) -> Option<Setup> {
-    if !require_privileges(test) {
-        return None;
-    }
-    let spec = IslandSpec {
-        prefix: prefix.to_owned(),
-        nodes: 2,
-        pods_per_node: 2,
-        subnet,
-    };
-    let island = Island::up(spec).expect("building the island");
-    let work_dir = std::env::temp_dir().join(format!("interceptor-sidecar-{prefix}"));
-    let _ = std::fs::remove_dir_all(&work_dir);
+    let (island, work_dir) = start_island(test, prefix, subnet, 2, 2, "sidecar")?;
     let enrolled = [island.pod(1, 2), island.pod(2, 1)];
     let sidecars =
         SidecarMesh::start(&island, &work_dir, &enrolled, &[]).expect("starting the sidecars");
@@ -53,18 +41,9 @@ fn setup(test: &str, prefix: &str, subnet: u8) -> Option<Setup> {
     })
 }
 
-fn stdout(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stdout).trim().to_owned()
-}
-
-fn spiffe_id(pod: &Pod) -> String {
-    format!("spiffe://{TRUST_DOMAIN}/ns/default/sa/{}", pod.short_name)
-}
-
 /// Runs `mesh-peer ARGS` in `pod` to completion and returns its result line.
 fn client(setup: &Setup, pod: &Pod, args: &[&str]) -> String {
-    let output = run_peer(&setup.island, pod, args).expect("running mesh-peer");
-    stdout(&output)
+    run_client(&setup.island, Client::from(pod), args).0
 }
 
 /// Returns the lines of `pod`'s nat table that mention the sidecar's chains.
@@ -163,14 +142,20 @@ fn sidecar_resets_plaintext_inbound() {
         server.accepted()
     );
 
-    let server_log = setup.sidecars.log(server_pod);
+    // The sidecar logs the denial after it reset the connection, so the client can
+    // finish first.
     let denial = format!("connection denied dst=\"{dst}\"");
-    assert!(
-        server_log
-            .lines()
-            .any(|l| l.contains(&denial) && l.contains(&format!("src={}:", outsider.ip))),
-        "server-side log:\n{server_log}"
-    );
+    let source = format!("src={}:", outsider.ip);
+    let logged = |log: &str| {
+        log.lines()
+            .any(|l| l.contains(&denial) && l.contains(&source))
+    };
+    let deadline = Instant::now() + scaled(Duration::from_secs(10));
+    while !logged(&setup.sidecars.log(server_pod)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let server_log = setup.sidecars.log(server_pod);
+    assert!(logged(&server_log), "server-side log:\n{server_log}");
 }
 
 #[test]
