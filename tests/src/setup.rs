@@ -1,6 +1,7 @@
 //! The start of a privileged test: a fresh island and work directory, and a mesh on
 //! them.
 
+use std::ops::Deref;
 use std::path::{Path, PathBuf};
 
 use crate::mesh::Mesh;
@@ -11,7 +12,59 @@ use crate::{require_privileges, DirectoryExtras, Island, IslandSpec, Pod};
 pub struct TestMesh {
     pub mesh: Mesh,
     pub island: Island,
-    pub work_dir: PathBuf,
+    pub work_dir: WorkDir,
+}
+
+/// Environment variable that, set to any value, keeps the work directories of passed
+/// tests too.
+pub const KEEP_WORK_DIRS_VAR: &str = "INTERCEPTOR_KEEP_WORK_DIRS";
+
+/// A test's work directory (CA keys, join tokens, logs, captures). It is removed when
+/// the test passes, unless [`KEEP_WORK_DIRS_VAR`] is set, and kept when the test fails,
+/// for debugging.
+#[derive(Debug)]
+pub struct WorkDir(PathBuf);
+
+impl WorkDir {
+    /// Empties or creates the directory at `path`.
+    ///
+    /// # Panics
+    ///
+    /// When the directory cannot be created.
+    pub fn create(path: PathBuf) -> WorkDir {
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).expect("creating the work directory");
+        WorkDir(path)
+    }
+}
+
+impl Deref for WorkDir {
+    type Target = Path;
+
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for WorkDir {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "kept the work directory of the failed test: {}",
+                self.0.display()
+            );
+            return;
+        }
+        if std::env::var_os(KEEP_WORK_DIRS_VAR).is_none() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
 }
 
 /// Which pods of the island are enrolled in the mesh.
@@ -76,7 +129,7 @@ pub fn start_island(
     nodes: usize,
     pods_per_node: usize,
     work_dir_kind: &str,
-) -> Option<(Island, PathBuf)> {
+) -> Option<(Island, WorkDir)> {
     if !require_privileges(test) {
         return None;
     }
@@ -87,10 +140,7 @@ pub fn start_island(
         subnet,
     };
     let island = Island::up(spec).expect("building the island");
-    let work_dir = work_dir(work_dir_kind, prefix);
-    let _ = std::fs::remove_dir_all(&work_dir);
-    std::fs::create_dir_all(&work_dir).expect("creating the work directory");
-    Some((island, work_dir))
+    Some((island, WorkDir::create(work_dir(work_dir_kind, prefix))))
 }
 
 /// Builds the island as [`start_island`] does and starts the CA service and one daemon

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use interceptor_tests::clients::{run_client, spiffe_id, stdout_line, Client};
 use interceptor_tests::mesh::{scaled, PeerServer};
-use interceptor_tests::setup::{start_test_mesh, Enroll, MeshOptions, TestMesh};
+use interceptor_tests::setup::{start_test_mesh, work_dir, Enroll, MeshOptions, TestMesh, WorkDir};
 use interceptor_tests::{
     contains, mesh_peer_payload, require_privileges, tls_record_counts, Capture, Pod,
 };
@@ -669,9 +669,7 @@ fn bad_config_is_rejected_before_the_kernel() {
     if !require_privileges("bad_config_is_rejected_before_the_kernel") {
         return;
     }
-    let dir = std::env::temp_dir().join("interceptor-e2e-badconfig");
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("creating the work directory");
+    let dir = WorkDir::create(work_dir("e2e", "badconfig"));
     let config = dir.join("mesh.toml");
     std::fs::write(
         &config,

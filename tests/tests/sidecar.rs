@@ -6,12 +6,11 @@
 //! Every test builds its own island with its own prefix and subnet, so the tests run
 //! in parallel with each other and with the daemon's tests.
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use interceptor_tests::clients::{run_client, spiffe_id, Client};
 use interceptor_tests::mesh::{scaled, PeerServer};
-use interceptor_tests::setup::start_island;
+use interceptor_tests::setup::{start_island, WorkDir};
 use interceptor_tests::sidecar::{nat_rules, SidecarMesh};
 use interceptor_tests::{contains, mesh_peer_payload, tls_record_counts, Capture, Island, Pod};
 
@@ -20,7 +19,7 @@ use interceptor_tests::{contains, mesh_peer_payload, tls_record_counts, Capture,
 struct Setup {
     sidecars: SidecarMesh,
     island: Island,
-    work_dir: PathBuf,
+    work_dir: WorkDir,
 }
 
 /// Builds a 2-node island with 2 pods per node, enrolls the client pod n1-p2 and the
