@@ -180,7 +180,7 @@ impl Manager {
                     .map_err(|error| client::Error::PrivateFile(Box::new(error)))?;
                 let anonymous = CaClient::new(addr, trust_domain, &bundle, None)?;
                 let issued = anonymous
-                    .attest(&node, &token, config.svid_lifetime)
+                    .attest(&node, &token, config.node_svid_lifetime)
                     .await?;
                 check_clock_skew(clock.now(), issued.ca_time, config.max_clock_skew).1?;
                 state.save_node_svid(&issued)?;
