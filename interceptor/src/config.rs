@@ -125,13 +125,14 @@ pub struct RunConfig {
     #[arg(long, env = "INTERCEPTOR_CONNECT_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub connect_timeout: Duration,
 
-    /// Lifetime of workload and node certificates (SVIDs), e.g. `1h`; each is renewed at
-    /// about half its lifetime, with a random 10% jitter. The CA service may cap it.
+    /// Lifetime of workload certificates (SVIDs), e.g. `1h`; each is renewed at about
+    /// half its lifetime, with a random 10% jitter. The CA service may cap it. The node
+    /// SVID has its own `--node-svid-lifetime`.
     #[arg(long, env = "INTERCEPTOR_SVID_LIFETIME", default_value = "1h", value_parser = parse_duration)]
     pub svid_lifetime: Duration,
 
-    /// Lifetime of the node SVID from the CA service, e.g. `24h`; renewed like workload
-    /// SVIDs. A daemon whose node SVID expired (for example during a longer CA outage)
+    /// Lifetime of the node SVID from the CA service, e.g. `24h`, at attestation and at
+    /// every renewal; renewed like workload SVIDs. A daemon whose node SVID expired (for example during a longer CA outage)
     /// needs a new join token.
     #[arg(long, env = "INTERCEPTOR_NODE_SVID_LIFETIME", default_value = "24h", value_parser = parse_duration)]
     pub node_svid_lifetime: Duration,
