@@ -53,7 +53,7 @@ pub enum Error {
         code: tonic::Code,
         message: String,
     },
-    #[error("calling {call} on the CA at {addr} failed: {message}")]
+    #[error("calling {call} on the CA at {addr} failed: {message}. Check that `interceptor ca serve` runs at that address, that --ca-addr is right and that this node has a route to it")]
     Unavailable {
         addr: SocketAddr,
         call: &'static str,
@@ -284,17 +284,28 @@ impl CaClient {
     }
 }
 
-/// Returns the status message with the transport error behind it, which tonic keeps
-/// in the source chain.
+/// Returns the status message with the transport errors that tonic keeps in the source
+/// chain, each text once. Tonic copies the innermost cause (such as "Connection refused
+/// (os error 111)") into the message and into several layers of the chain, so a text
+/// that another part already contains is left out.
 fn status_message(status: &tonic::Status) -> String {
-    let mut message = status.message().to_owned();
+    let mut chain = Vec::new();
     let mut source = std::error::Error::source(status);
     while let Some(error) = source {
-        message.push_str(": ");
-        message.push_str(&error.to_string());
+        chain.push(error.to_string());
         source = error.source();
     }
-    message
+    let mut parts: Vec<String> = Vec::new();
+    let message = status.message();
+    if !message.is_empty() && !chain.iter().any(|text| text.contains(message)) {
+        parts.push(message.to_owned());
+    }
+    for text in chain {
+        if !text.is_empty() && !parts.iter().any(|part| part.contains(&text)) {
+            parts.push(text);
+        }
+    }
+    parts.join(": ")
 }
 
 fn seconds(duration: Duration) -> i64 {
@@ -528,5 +539,65 @@ mod tests {
             ),
             "{open:?}"
         );
+    }
+
+    #[derive(Debug)]
+    struct Layer {
+        text: &'static str,
+        source: Option<Box<Layer>>,
+    }
+
+    impl std::fmt::Display for Layer {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.text)
+        }
+    }
+
+    impl std::error::Error for Layer {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.source.as_deref().map(|layer| layer as _)
+        }
+    }
+
+    #[test]
+    fn status_message_shows_cause_once() {
+        let refused = "Connection refused (os error 111)";
+        let chain = Layer {
+            text: "transport error",
+            source: Some(Box::new(Layer {
+                text: refused,
+                source: Some(Box::new(Layer {
+                    text: refused,
+                    source: None,
+                })),
+            })),
+        };
+        let mut status = tonic::Status::unavailable(refused);
+        status.set_source(std::sync::Arc::new(chain));
+
+        assert_eq!(
+            status_message(&status),
+            "transport error: Connection refused (os error 111)"
+        );
+    }
+
+    #[test]
+    fn status_message_keeps_distinct_texts() {
+        let status = tonic::Status::unavailable("the CA is overloaded");
+        assert_eq!(status_message(&status), "the CA is overloaded");
+    }
+
+    #[test]
+    fn unavailable_error_says_what_to_check() {
+        let error = Error::Unavailable {
+            addr: "10.254.0.100:15012".parse().expect("parse the address"),
+            call: "AttestNode",
+            message: "Connection refused (os error 111)".to_owned(),
+        };
+        let text = error.to_string();
+        assert_eq!(text.matches("Connection refused").count(), 1, "{text}");
+        assert!(text.contains("`interceptor ca serve`"), "{text}");
+        assert!(text.contains("--ca-addr"), "{text}");
+        assert!(text.contains("route"), "{text}");
     }
 }
