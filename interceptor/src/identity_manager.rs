@@ -45,7 +45,7 @@ pub enum Error {
     Ca(#[from] client::Error),
     #[error(transparent)]
     Identity(#[from] crate::identity::Error),
-    #[error("no valid node SVID in {state_dir} and no --join-token-file: create a token with `interceptor ca token --node {node}` and pass it in a file")]
+    #[error("no valid node SVID in {state_dir} and no --join-token-file: on the CA host, create a token with `interceptor ca token --dir <CA directory> --node {node} --out {node}.token` and pass that file with --join-token-file")]
     MissingJoinToken { state_dir: String, node: String },
     #[error("no trust bundle in {state_dir} and no --ca-trust-bundle: pass the CA's root certificate (ca-cert.pem) with --ca-trust-bundle")]
     MissingTrustBundle { state_dir: String },

@@ -74,14 +74,23 @@ enum CaCommand {
     },
     /// Run the CA service: sign CSRs of node daemons over TLS (port 15012 by default).
     Serve(ServeConfig),
-    /// Create a one-time join token for a node and print it; only its hash is stored.
+    /// Create a one-time join token for a node and print it (or write it to `--out`);
+    /// only its hash is stored.
     Token {
         /// CA directory.
         #[arg(long, env = "INTERCEPTOR_CA_DIR")]
         dir: PathBuf,
+        /// Workload directory file (TOML) that must contain the node. By default the one
+        /// that `ca serve` last ran with, whose path it records in the CA directory.
+        #[arg(long, env = "INTERCEPTOR_CONFIG")]
+        config: Option<PathBuf>,
         /// Name of the node, as in the workload directory.
         #[arg(long)]
         node: String,
+        /// File to write the token to, with mode 0600, instead of standard output; the
+        /// daemon reads it with `--join-token-file`.
+        #[arg(long)]
+        out: Option<PathBuf>,
         /// How long the token stays valid if unused, e.g. `1h`.
         #[arg(long, default_value = "1h", value_parser = parse_duration)]
         ttl: Duration,
@@ -200,12 +209,26 @@ fn execute_ca(command: CaCommand) -> anyhow::Result<()> {
             let runtime = runtime(config.netns.as_deref(), config.worker_threads)?;
             runtime.block_on(ca::serve(config))?;
         }
-        CaCommand::Token { dir, node, ttl } => {
-            let loaded = ca::store::load(&dir)?;
-            let token = ca::tokens::create(&dir, loaded.ca.trust_domain(), &node, ttl)
+        CaCommand::Token {
+            dir,
+            config,
+            node,
+            ttl,
+            out,
+        } => {
+            let token = ca::create_join_token(&dir, config.as_deref(), &node, ttl)
                 .with_context(|| format!("creating a join token for node {node}"))?;
-            tracing::info!(%node, valid_for = ?ttl, "created a one-time join token");
-            println!("{token}");
+            match out {
+                Some(out) => {
+                    ca::tokens::write_token_file(&out, &token)
+                        .with_context(|| format!("writing the join token for node {node}"))?;
+                    tracing::info!(%node, valid_for = ?ttl, file = %out.display(), "created a one-time join token");
+                }
+                None => {
+                    tracing::info!(%node, valid_for = ?ttl, "created a one-time join token");
+                    println!("{token}");
+                }
+            }
         }
         CaCommand::Bundle { dir } => {
             let loaded = ca::store::load(&dir)?;

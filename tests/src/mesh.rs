@@ -168,8 +168,9 @@ impl Mesh {
         mesh.start_ca()?;
         for index in 0..mesh.nodes.len() {
             let node = mesh.nodes[index].clone();
-            let token = mesh.ca_command(&["token", "--node", &node])?;
-            write_private(&mesh.token_path(index + 1), token.trim().as_bytes())?;
+            let token_path = mesh.token_path(index + 1);
+            let token_path = token_path.to_string_lossy();
+            mesh.ca_command(&["token", "--node", &node, "--out", &token_path])?;
             mesh.start_daemon(index + 1)?;
         }
         Ok(mesh)
@@ -517,19 +518,6 @@ pub(crate) fn wait_for_line(
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-/// Writes `contents` to a new file at `path` with mode 0600.
-fn write_private(path: &Path, contents: &[u8]) -> io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let _ = std::fs::remove_file(path);
-    let mut file = File::options()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)?;
-    file.write_all(contents)
 }
 
 /// Sends SIGTERM, waits up to 5 s, then kills.
