@@ -30,7 +30,7 @@ use tracing::{error, info, warn, Instrument};
 use crate::admin::Metrics;
 use crate::ca::client::{self, CaClient, Issued, NodeState};
 use crate::config::{RunConfig, SignedDuration};
-use crate::identity::{NodeId, Svid, TrustDomain};
+use crate::identity::{rfc3339, NodeId, Svid, TrustDomain};
 use crate::tls::TunnelOptions;
 use crate::tunnel::{LocalWorkload, TlsConfigs};
 use crate::workloads::Workload;
@@ -342,7 +342,7 @@ impl Manager {
             // Installed before the event, so a handshake after the event presents it.
             match self.install(&local, Arc::clone(&issued)) {
                 Ok(()) => {
-                    info!(serial = %issued.serial, not_after = ?issued.not_after, "renewed SVID")
+                    info!(serial = %issued.serial, not_after = %rfc3339(issued.not_after), "renewed SVID")
                 }
                 Err(error) => {
                     error!(error = %error, "installing the renewed SVID failed; the previous one stays in use")
@@ -363,7 +363,7 @@ impl Manager {
             let issued = self
                 .renew_until_done(&name, &uri, &current, self.node_lifetime, &metrics)
                 .await;
-            info!(serial = %issued.serial, not_after = ?issued.not_after, "renewed the node SVID");
+            info!(serial = %issued.serial, not_after = %rfc3339(issued.not_after), "renewed the node SVID");
             if let Err(error) = self.state.save_node_svid(&issued) {
                 error!(error = %error, "saving the node SVID failed; a restarted daemon needs a new join token");
             }
@@ -435,7 +435,7 @@ impl Manager {
                     error!(
                         error = %error,
                         serial = %current.serial,
-                        not_after = ?current.not_after,
+                        not_after = %rfc3339(current.not_after),
                         attempt,
                         "SVID expired and renewing it failed: every handshake with it fails until a renewal succeeds"
                     );
