@@ -4,7 +4,7 @@
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -122,11 +122,25 @@ enum RotateStep {
         #[arg(long, env = "INTERCEPTOR_CA_DIR")]
         dir: PathBuf,
     },
-    /// Stop publishing every root but the signing one.
+    /// Stop publishing every root but the signing one. Rejected until `--max-lifetime`
+    /// plus `--margin` has passed since `activate`, unless `--force` is given.
     Finish {
         /// CA directory.
         #[arg(long, env = "INTERCEPTOR_CA_DIR")]
         dir: PathBuf,
+        /// Maximum certificate lifetime of the CA service (its `--max-lifetime`), e.g.
+        /// `24h`: the longest that a certificate of the old root stays valid after
+        /// `activate`.
+        #[arg(long, env = "INTERCEPTOR_CA_MAX_LIFETIME", default_value = "24h", value_parser = parse_duration)]
+        max_lifetime: Duration,
+        /// Time added to `--max-lifetime`, at least the daemons' longest
+        /// `--bundle-refresh`, e.g. `5m`.
+        #[arg(long, default_value = "5m", value_parser = parse_duration)]
+        margin: Duration,
+        /// Finish even when certificates of the old root may still be valid; new
+        /// connections of workloads that present one fail until their next renewal.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -240,11 +254,16 @@ fn execute_ca(command: CaCommand) -> anyhow::Result<()> {
                 tracing::info!(next = %next.display(), "prepared the next root and published it; wait at least one --bundle-refresh of the daemons, then run `interceptor ca rotate activate`");
             }
             RotateStep::Activate { dir } => {
-                ca::store::activate_rotation(&dir)?;
+                ca::store::activate_rotation(&dir, SystemTime::now())?;
                 tracing::info!("the next root signs from now on and the old root stays published; wait at least the longest SVID lifetime plus one --bundle-refresh, then run `interceptor ca rotate finish`");
             }
-            RotateStep::Finish { dir } => {
-                ca::store::finish_rotation(&dir)?;
+            RotateStep::Finish {
+                dir,
+                max_lifetime,
+                margin,
+                force,
+            } => {
+                ca::store::finish_rotation(&dir, SystemTime::now(), max_lifetime + margin, force)?;
                 tracing::info!("only the signing root is published now; daemons drop the old root at their next bundle refresh");
             }
         },

@@ -451,10 +451,12 @@ fn root_rotation_under_traffic() {
     }
     // Every SVID of the old root has expired after one lifetime plus a refresh.
     std::thread::sleep(Duration::from_secs(6));
+    // `finish` waits for the CA's --max-lifetime (24h by default) unless forced; the
+    // workload SVIDs of this test live 4 s.
 
     setup
         .mesh
-        .ca_command(&["rotate", "finish"])
+        .ca_command(&["rotate", "finish", "--force"])
         .expect("rotate finish");
     // Prepare and activate each changed the bundle once, finish a third time.
     for node in [1, 2] {
