@@ -14,7 +14,7 @@ use tracing_subscriber::EnvFilter;
 use interceptor::ca::{self, ServeConfig};
 use interceptor::config::{parse_duration, RunConfig};
 use interceptor::sidecar::{self, SidecarConfig};
-use interceptor::{daemon, ebpf, identity, netns};
+use interceptor::{daemon, ebpf, identity, identity_manager, netns};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -168,8 +168,14 @@ fn execute(command: Command) -> anyhow::Result<()> {
         Command::Run(config) => {
             check_flags(config.validate())?;
             let runtime = runtime(config.netns.as_deref(), config.worker_threads)?;
-            runtime.block_on(daemon::run(config))?;
-            Ok(())
+            match runtime.block_on(daemon::run(config)) {
+                // A stop signal while the daemon waits for the CA is a normal stop.
+                Err(daemon::Error::IdentityManager(identity_manager::Error::Stopped { addr })) => {
+                    tracing::info!(ca = %addr, "daemon stopping before it reached the CA");
+                    Ok(())
+                }
+                result => Ok(result?),
+            }
         }
         Command::Sidecar(config) => {
             check_flags(config.validate())?;

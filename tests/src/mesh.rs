@@ -309,6 +309,17 @@ impl Mesh {
     /// Starts the daemon of node `node_index` (starting at 1), appending to its log, and
     /// waits for its "daemon started" line.
     pub fn start_daemon(&mut self, node_index: usize) -> io::Result<()> {
+        self.start_daemon_then(node_index, |_| Ok(()))
+    }
+
+    /// Starts the daemon of node `node_index` as [`Mesh::start_daemon`] does, but runs
+    /// `meanwhile` after spawning it and before waiting for "daemon started", for
+    /// example to start the CA service only once the daemon runs.
+    pub fn start_daemon_then(
+        &mut self,
+        node_index: usize,
+        meanwhile: impl FnOnce(&mut Mesh) -> io::Result<()>,
+    ) -> io::Result<()> {
         let slot = node_index - 1;
         let log_path = self.log_path(node_index);
         let (log, already) = open_log(&log_path, "daemon started")?;
@@ -329,7 +340,12 @@ impl Mesh {
             .arg(&self.node_netns[slot])
             .args(&self.daemon_args);
         log_to(&mut command, log)?;
-        let child = command.spawn()?;
+        let mut child = command.spawn()?;
+        if let Err(error) = meanwhile(self) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(error);
+        }
         let process_name = format!("daemon of {}", self.nodes[slot]);
         let child = wait_for_line(child, &log_path, "daemon started", already, &process_name)?;
         self.daemons[slot] = Some(Daemon { child });

@@ -59,6 +59,12 @@ pub enum Error {
         call: &'static str,
         message: String,
     },
+    #[error("the TLS handshake with the CA at {addr} failed in {call}: {message}. Check that --ca-trust-bundle (or trust-bundle.pem in the state directory) contains the CA's root and that the CA serves the trust domain of the workload directory")]
+    Handshake {
+        addr: SocketAddr,
+        call: &'static str,
+        message: String,
+    },
     #[error("invalid response of the CA at {addr}: {reason}")]
     InvalidResponse { addr: SocketAddr, reason: String },
     #[error(transparent)]
@@ -82,7 +88,8 @@ pub enum Error {
 }
 
 impl Error {
-    /// Returns whether the CA could not be reached, as opposed to a rejection.
+    /// Returns whether the CA could not be reached, as opposed to a rejection or a failed
+    /// TLS handshake, which retrying does not fix.
     pub fn is_unavailable(&self) -> bool {
         matches!(self, Error::Unavailable { .. })
     }
@@ -228,21 +235,7 @@ impl CaClient {
     }
 
     fn call_error(&self, call: &'static str, status: tonic::Status) -> Error {
-        match status.code() {
-            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown => {
-                Error::Unavailable {
-                    addr: self.addr,
-                    call,
-                    message: status_message(&status),
-                }
-            }
-            code => Error::Rejected {
-                addr: self.addr,
-                call,
-                code,
-                message: status.message().to_owned(),
-            },
-        }
+        call_error(self.addr, call, status)
     }
 
     /// Parses a returned chain and checks that its leaf carries `uri`.
@@ -282,6 +275,54 @@ impl CaClient {
             ca_time: from_unix(ca_time_unix),
         })
     }
+}
+
+/// Classifies a failed call: a TLS handshake that rustls rejected, a CA that could not
+/// be reached, or a rejection by the CA.
+fn call_error(addr: SocketAddr, call: &'static str, status: tonic::Status) -> Error {
+    if is_tls_error(&status) {
+        return Error::Handshake {
+            addr,
+            call,
+            message: status_message(&status),
+        };
+    }
+    match status.code() {
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown => {
+            Error::Unavailable {
+                addr,
+                call,
+                message: status_message(&status),
+            }
+        }
+        code => Error::Rejected {
+            addr,
+            call,
+            code,
+            message: status.message().to_owned(),
+        },
+    }
+}
+
+/// Returns whether the source chain of `status` contains a rustls error, such as a CA
+/// certificate that the bundle does not trust or that carries another trust domain.
+fn is_tls_error(status: &tonic::Status) -> bool {
+    let mut source = std::error::Error::source(status);
+    while let Some(error) = source {
+        if error.is::<rustls::Error>() {
+            return true;
+        }
+        if let Some(io_error) = error.downcast_ref::<io::Error>() {
+            if io_error
+                .get_ref()
+                .is_some_and(|inner| inner.is::<rustls::Error>())
+            {
+                return true;
+            }
+        }
+        source = error.source();
+    }
+    false
 }
 
 /// Returns the status message with the transport errors that tonic keeps in the source
@@ -579,6 +620,25 @@ mod tests {
             status_message(&status),
             "transport error: Connection refused (os error 111)"
         );
+    }
+
+    #[test]
+    fn tls_failure_is_not_retried() {
+        let addr: SocketAddr = "10.254.0.100:15012".parse().expect("parse the address");
+        let rustls_error =
+            rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer);
+        let mut status = tonic::Status::unavailable("transport error");
+        status.set_source(std::sync::Arc::new(io::Error::new(
+            io::ErrorKind::InvalidData,
+            rustls_error,
+        )));
+
+        let error = call_error(addr, "GetTrustBundle", status);
+        assert!(matches!(error, Error::Handshake { .. }), "{error:?}");
+        assert!(!error.is_unavailable());
+
+        let refused = tonic::Status::unavailable("Connection refused (os error 111)");
+        assert!(call_error(addr, "GetTrustBundle", refused).is_unavailable());
     }
 
     #[test]
