@@ -6,8 +6,11 @@
 //! start, each call (attestation, first trust bundle fetch, first workload SVIDs) is
 //! retried with a backoff that doubles from 1 s up to 30 s, until SIGINT or SIGTERM.
 //! Errors that retrying cannot fix stop the daemon at once: a rejected join token or CSR,
-//! a trust domain mismatch, missing or invalid files, and clock skew. Each SVID is renewed at about half
-//! its lifetime (with a 10% random jitter, so the nodes' requests spread out). When a
+//! a failed TLS handshake (an untrusted CA or another trust domain), missing or invalid
+//! files, and clock skew.
+//!
+//! Each SVID is renewed at about half its lifetime (with a 10% random jitter, so the
+//! nodes' requests spread out). When a
 //! request to the CA fails, the renewal is retried with a backoff that doubles from
 //! `min(1s, lifetime/8)` up to `min(30s, lifetime/4)`, and the current certificate stays
 //! in use until it expires. Less than a quarter of the lifetime left is logged as a
@@ -43,7 +46,7 @@ use crate::workloads::Workload;
 const NODE_SVID_MARGIN: Duration = Duration::from_secs(1);
 /// First delay before a start call to an unreachable CA is retried.
 const START_RETRY_MIN: Duration = Duration::from_secs(1);
-/// Longest delay between retries of a start call to an unreachable CA.
+/// Maximum delay between retries of a start call to an unreachable CA.
 const START_RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// Errors that stop the daemon at start.
@@ -186,7 +189,7 @@ impl Manager {
         };
         let node_svid = match state.node_svid(&node, clock.now(), NODE_SVID_MARGIN)? {
             Some(saved) => {
-                info!(node = %node, serial = %saved.serial, "using the saved node SVID");
+                info!(node = %node, serial = %saved.serial, not_after = %rfc3339(saved.not_after), "using the saved node SVID");
                 saved
             }
             None => {
@@ -207,7 +210,7 @@ impl Manager {
                 .await?;
                 check_clock_skew(clock.now(), issued.ca_time, config.max_clock_skew).1?;
                 state.save_node_svid(&issued)?;
-                info!(node = %node, serial = %issued.serial, "attested this node with its join token");
+                info!(node = %node, serial = %issued.serial, not_after = %rfc3339(issued.not_after), "attested this node with its join token");
                 issued
             }
         };
@@ -569,7 +572,7 @@ async fn until_stopped<T>(
 ) -> Result<T, Error> {
     let stop = async {
         if let Err(error) = crate::daemon::wait_for_stop().await {
-            warn!(error = %error, "waiting for a stop signal failed; only the CA can end the start now");
+            warn!(error = %error, "waiting for a stop signal failed; the daemon keeps waiting for the CA without it");
             std::future::pending::<()>().await;
         }
     };

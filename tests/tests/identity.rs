@@ -1,6 +1,6 @@
 //! Privileged end-to-end tests of the workload identity lifecycle with the CA service:
-//! renewals under live traffic, node authorization, root rotation, CA outages and a CA
-//! that is an intermediate under an operator's root.
+//! renewals under live traffic, node authorization, root rotation, CA outages, a daemon
+//! that starts before the CA and a CA that is an intermediate under an operator's root.
 //!
 //! SVID lifetimes are a few seconds, set through `--svid-lifetime`, and the trust
 //! bundle is refreshed every second, so each test covers many renewals in a short run.
