@@ -23,6 +23,11 @@ pub const DELIVERY_MARK: u32 = 0x539;
 /// Routing table of the delivery route (`local 0.0.0.0/0 dev lo`) in each enrolled pod.
 pub const DELIVERY_ROUTE_TABLE: u32 = 100;
 
+/// Environment variable of `run --ca-dir`.
+pub const LOCAL_CA_DIR_ENV: &str = "INTERCEPTOR_LOCAL_CA_DIR";
+/// Environment variable of `run --ca-addr`.
+pub const CA_ADDR_ENV: &str = "INTERCEPTOR_CA_ADDR";
+
 /// Flags of `interceptor run`.
 #[derive(Args, Debug, Clone)]
 pub struct RunConfig {
@@ -36,14 +41,16 @@ pub struct RunConfig {
 
     /// Single-host mode: directory holding `ca-cert.pem` and `ca-key.pem`, as written by
     /// `interceptor ca init`, from which the daemon signs its workloads' SVIDs itself.
-    /// Give either this or `--ca-addr`.
-    #[arg(long, env = "INTERCEPTOR_CA_DIR")]
+    /// Give either this or `--ca-addr`. Its variable differs from the
+    /// `INTERCEPTOR_CA_DIR` of the `ca` commands, so exporting that one for a CA on
+    /// the same host does not switch the daemon to single-host mode.
+    #[arg(long, env = LOCAL_CA_DIR_ENV)]
     pub ca_dir: Option<PathBuf>,
 
     /// Address of the CA service (`interceptor ca serve`, port 15012), from which the
     /// daemon obtains its node and workload SVIDs and the trust bundle. Give either this
     /// or `--ca-dir`.
-    #[arg(long, env = "INTERCEPTOR_CA_ADDR")]
+    #[arg(long, env = CA_ADDR_ENV)]
     pub ca_addr: Option<SocketAddr>,
 
     /// PEM roots that the daemon trusts for the CA service before it has fetched a trust
@@ -125,13 +132,14 @@ pub struct RunConfig {
     #[arg(long, env = "INTERCEPTOR_CONNECT_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub connect_timeout: Duration,
 
-    /// Lifetime of workload and node certificates (SVIDs), e.g. `1h`; each is renewed at
-    /// about half its lifetime, with a random 10% jitter. The CA service may cap it.
+    /// Lifetime of workload certificates (SVIDs), e.g. `1h`; each is renewed at about
+    /// half its lifetime, with a random 10% jitter. The CA service may cap it. The node
+    /// SVID has its own `--node-svid-lifetime`.
     #[arg(long, env = "INTERCEPTOR_SVID_LIFETIME", default_value = "1h", value_parser = parse_duration)]
     pub svid_lifetime: Duration,
 
-    /// Lifetime of the node SVID from the CA service, e.g. `24h`; renewed like workload
-    /// SVIDs. A daemon whose node SVID expired (for example during a longer CA outage)
+    /// Lifetime of the node SVID from the CA service, e.g. `24h`, at attestation and at
+    /// every renewal; renewed like workload SVIDs. A daemon whose node SVID expired (for example during a longer CA outage)
     /// needs a new join token.
     #[arg(long, env = "INTERCEPTOR_NODE_SVID_LIFETIME", default_value = "24h", value_parser = parse_duration)]
     pub node_svid_lifetime: Duration,
@@ -204,9 +212,11 @@ impl RunConfig {
             }
         }
         match (&self.ca_dir, &self.ca_addr) {
-            (Some(_), Some(_)) => {
-                problems.push("--ca-dir and --ca-addr: give only one of them".to_owned())
-            }
+            // Either value may come from its environment variable, which the user
+            // may not think of as a flag, so the message names both sources.
+            (Some(_), Some(_)) => problems.push(format!(
+                "--ca-dir (or {LOCAL_CA_DIR_ENV}) and --ca-addr (or {CA_ADDR_ENV}): give only one of them"
+            )),
             (None, None) => problems.push(
                 "missing CA: give --ca-addr (the CA service) or --ca-dir (single-host mode)"
                     .to_owned(),
@@ -342,6 +352,33 @@ mod tests {
 
         assert!(config.is_reserved_port(16006));
         assert!(config.validate().is_ok());
+    }
+
+    #[test]
+    fn ca_dir_and_addr_conflict_names_variables() {
+        let problems = parse(&["--ca-addr", "10.0.0.1:15012"])
+            .validate()
+            .expect_err("both CA sources");
+
+        assert_eq!(
+            problems,
+            ["--ca-dir (or INTERCEPTOR_LOCAL_CA_DIR) and --ca-addr (or INTERCEPTOR_CA_ADDR): give only one of them"]
+        );
+    }
+
+    #[test]
+    fn run_ca_dir_variable_differs_from_ca_commands() {
+        use clap::CommandFactory as _;
+        let command = Cli::command();
+        let ca_dir = command
+            .get_arguments()
+            .find(|arg| arg.get_id() == "ca_dir")
+            .expect("the --ca-dir argument");
+
+        assert_eq!(
+            ca_dir.get_env().and_then(|env| env.to_str()),
+            Some("INTERCEPTOR_LOCAL_CA_DIR")
+        );
     }
 
     #[test]

@@ -95,7 +95,7 @@ pub enum Error {
         key_path: PathBuf,
         cert_path: PathBuf,
     },
-    #[error("CA certificate {path} expired at {not_after}")]
+    #[error("CA certificate {path} expired at {}", rfc3339(*.not_after))]
     CaExpired {
         path: PathBuf,
         not_after: OffsetDateTime,
@@ -118,7 +118,7 @@ pub enum Error {
         spiffe_id: SpiffeId,
         trust_domain: TrustDomain,
     },
-    #[error("invalid validity for {spiffe_id}: not_before {not_before} is not before not_after {not_after}")]
+    #[error("invalid validity for {spiffe_id}: not_before {} is not before not_after {}", rfc3339(*.not_before), rfc3339(*.not_after))]
     InvalidValidity {
         spiffe_id: SpiffeId,
         not_before: OffsetDateTime,
@@ -436,7 +436,7 @@ impl fmt::Debug for CertificateAuthority {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CertificateAuthority")
             .field("trust_domain", &self.trust_domain)
-            .field("not_after", &OffsetDateTime::from(self.not_after))
+            .field("not_after", &rfc3339(self.not_after))
             .finish_non_exhaustive()
     }
 }
@@ -784,7 +784,7 @@ impl fmt::Debug for Svid {
         f.debug_struct("Svid")
             .field("spiffe_id", &self.spiffe_id)
             .field("serial", &self.serial)
-            .field("not_after", &OffsetDateTime::from(self.not_after))
+            .field("not_after", &rfc3339(self.not_after))
             .finish_non_exhaustive()
     }
 }
@@ -1047,6 +1047,15 @@ fn read_private_file(path: &Path) -> Result<String, Error> {
     Ok(contents)
 }
 
+/// Formats a certificate time as RFC 3339 in UTC, e.g. `2026-12-05T00:41:43Z`, for logs
+/// and error messages.
+pub fn rfc3339(time: impl Into<OffsetDateTime>) -> String {
+    let time: OffsetDateTime = time.into();
+    time.to_offset(time::UtcOffset::UTC)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| time.to_string())
+}
+
 fn whole_seconds(time: SystemTime) -> SystemTime {
     match time.duration_since(UNIX_EPOCH) {
         Ok(since_epoch) => UNIX_EPOCH + Duration::from_secs(since_epoch.as_secs()),
@@ -1129,6 +1138,12 @@ mod tests {
 
     use super::testing::{test_ca, workload_id, TestDir};
     use super::*;
+
+    #[test]
+    fn certificate_time_formats_as_rfc3339() {
+        let time = UNIX_EPOCH + Duration::from_secs(1_764_895_303);
+        assert_eq!(rfc3339(time), "2025-12-05T00:41:43Z");
+    }
 
     #[test]
     fn spiffe_id_round_trips() {

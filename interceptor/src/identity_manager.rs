@@ -2,8 +2,15 @@
 //! workload and node SVID renewal, and trust bundle refresh.
 //!
 //! At start the daemon authenticates with the node SVID saved in its state directory,
-//! or attests with its join token when there is none. Each SVID is renewed at about half
-//! its lifetime (with a 10% random jitter, so the nodes' requests spread out). When a
+//! or attests with its join token when there is none. While the CA cannot be reached at
+//! start, each call (attestation, first trust bundle fetch, first workload SVIDs) is
+//! retried with a backoff that doubles from 1 s up to 30 s, until SIGINT or SIGTERM.
+//! Errors that retrying cannot fix stop the daemon at once: a rejected join token or CSR,
+//! a failed TLS handshake (an untrusted CA or another trust domain), missing or invalid
+//! files, and clock skew.
+//!
+//! Each SVID is renewed at about half its lifetime (with a 10% random jitter, so the
+//! nodes' requests spread out). When a
 //! request to the CA fails, the renewal is retried with a backoff that doubles from
 //! `min(1s, lifetime/8)` up to `min(30s, lifetime/4)`, and the current certificate stays
 //! in use until it expires. Less than a quarter of the lifetime left is logged as a
@@ -30,13 +37,17 @@ use tracing::{error, info, warn, Instrument};
 use crate::admin::Metrics;
 use crate::ca::client::{self, CaClient, Issued, NodeState};
 use crate::config::{RunConfig, SignedDuration};
-use crate::identity::{NodeId, Svid, TrustDomain};
+use crate::identity::{rfc3339, NodeId, Svid, TrustDomain};
 use crate::tls::TunnelOptions;
 use crate::tunnel::{LocalWorkload, TlsConfigs};
 use crate::workloads::Workload;
 
 /// Margin under which a saved node SVID counts as expired at start.
 const NODE_SVID_MARGIN: Duration = Duration::from_secs(1);
+/// First delay before a start call to an unreachable CA is retried.
+const START_RETRY_MIN: Duration = Duration::from_secs(1);
+/// Maximum delay between retries of a start call to an unreachable CA.
+const START_RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// Errors that stop the daemon at start.
 #[derive(Debug, thiserror::Error)]
@@ -45,12 +56,14 @@ pub enum Error {
     Ca(#[from] client::Error),
     #[error(transparent)]
     Identity(#[from] crate::identity::Error),
-    #[error("no valid node SVID in {state_dir} and no --join-token-file: create a token with `interceptor ca token --node {node}` and pass it in a file")]
+    #[error("no valid node SVID in {state_dir} and no --join-token-file: on the CA host, create a token with `interceptor ca token --dir <CA directory> --node {node} --out {node}.token` and pass that file with --join-token-file")]
     MissingJoinToken { state_dir: String, node: String },
     #[error("no trust bundle in {state_dir} and no --ca-trust-bundle: pass the CA's root certificate (ca-cert.pem) with --ca-trust-bundle")]
     MissingTrustBundle { state_dir: String },
     #[error(transparent)]
     ClockSkew(#[from] ClockSkew),
+    #[error("stopped by SIGINT or SIGTERM while waiting for the CA at {addr}")]
+    Stopped { addr: SocketAddr },
     #[error("workload {workload}: building its TLS configuration failed")]
     Tls {
         workload: String,
@@ -145,8 +158,18 @@ pub struct Manager {
 
 impl Manager {
     /// Authenticates this node to the CA service and fetches the trust bundle. Attests
-    /// with the join token when the state directory contains no valid node SVID.
+    /// with the join token when the state directory contains no valid node SVID. Retries
+    /// while the CA is unreachable, and returns [`Error::Stopped`] on SIGINT or SIGTERM.
     pub async fn start(
+        config: &RunConfig,
+        addr: SocketAddr,
+        trust_domain: &TrustDomain,
+        options: &TunnelOptions,
+    ) -> Result<Self, Error> {
+        until_stopped(addr, Self::connect(config, addr, trust_domain, options)).await
+    }
+
+    async fn connect(
         config: &RunConfig,
         addr: SocketAddr,
         trust_domain: &TrustDomain,
@@ -166,7 +189,7 @@ impl Manager {
         };
         let node_svid = match state.node_svid(&node, clock.now(), NODE_SVID_MARGIN)? {
             Some(saved) => {
-                info!(node = %node, serial = %saved.serial, "using the saved node SVID");
+                info!(node = %node, serial = %saved.serial, not_after = %rfc3339(saved.not_after), "using the saved node SVID");
                 saved
             }
             None => {
@@ -179,18 +202,22 @@ impl Manager {
                 let token = crate::ca::tokens::read_private(path)
                     .map_err(|error| client::Error::PrivateFile(Box::new(error)))?;
                 let anonymous = CaClient::new(addr, trust_domain, &bundle, None)?;
-                let issued = anonymous
-                    .attest(&node, &token, config.svid_lifetime)
-                    .await?;
+                // NOTE: when the CA redeemed the token but its response was lost, the
+                // next attempt is rejected as a reused token and needs a new one.
+                let issued = retry_unavailable(addr, "attesting this node", || {
+                    anonymous.attest(&node, &token, config.node_svid_lifetime)
+                })
+                .await?;
                 check_clock_skew(clock.now(), issued.ca_time, config.max_clock_skew).1?;
                 state.save_node_svid(&issued)?;
-                info!(node = %node, serial = %issued.serial, "attested this node with its join token");
+                info!(node = %node, serial = %issued.serial, not_after = %rfc3339(issued.not_after), "attested this node with its join token");
                 issued
             }
         };
 
         let client = CaClient::new(addr, trust_domain, &bundle, Some(&node_svid))?;
-        let (fetched, ca_time) = client.trust_bundle().await?;
+        let (fetched, ca_time) =
+            retry_unavailable(addr, "fetching the trust bundle", || client.trust_bundle()).await?;
         check_clock_skew(clock.now(), ca_time, config.max_clock_skew).1?;
         state.save_bundle(&fetched)?;
         let client = CaClient::new(addr, trust_domain, &fetched, Some(&node_svid))?;
@@ -247,11 +274,18 @@ impl Manager {
     }
 
     /// Requests the first SVID of `workload` and returns its TLS configurations.
+    /// Retries while the CA is unreachable, like [`Manager::start`].
     pub async fn issue(&self, workload: &Workload) -> Result<TlsConfigs, Error> {
-        let issued = self
-            .client()
-            .sign(&workload.spiffe_id.to_string(), self.lifetime)
+        let uri = workload.spiffe_id.to_string();
+        let client = self.client();
+        let issued = until_stopped(self.addr, async {
+            let issued = retry_unavailable(self.addr, "requesting a workload SVID", || {
+                client.sign(&uri, self.lifetime)
+            })
             .await?;
+            Ok(issued)
+        })
+        .await?;
         let issued = Arc::new(issued);
         let configs = self.tls_configs(workload, &issued, &self.bundle())?;
         lock(&self.svids).insert(workload.name.clone(), issued);
@@ -342,7 +376,7 @@ impl Manager {
             // Installed before the event, so a handshake after the event presents it.
             match self.install(&local, Arc::clone(&issued)) {
                 Ok(()) => {
-                    info!(serial = %issued.serial, not_after = ?issued.not_after, "renewed SVID")
+                    info!(serial = %issued.serial, not_after = %rfc3339(issued.not_after), "renewed SVID")
                 }
                 Err(error) => {
                     error!(error = %error, "installing the renewed SVID failed; the previous one stays in use")
@@ -363,7 +397,7 @@ impl Manager {
             let issued = self
                 .renew_until_done(&name, &uri, &current, self.node_lifetime, &metrics)
                 .await;
-            info!(serial = %issued.serial, not_after = ?issued.not_after, "renewed the node SVID");
+            info!(serial = %issued.serial, not_after = %rfc3339(issued.not_after), "renewed the node SVID");
             if let Err(error) = self.state.save_node_svid(&issued) {
                 error!(error = %error, "saving the node SVID failed; a restarted daemon needs a new join token");
             }
@@ -435,7 +469,7 @@ impl Manager {
                     error!(
                         error = %error,
                         serial = %current.serial,
-                        not_after = ?current.not_after,
+                        not_after = %rfc3339(current.not_after),
                         attempt,
                         "SVID expired and renewing it failed: every handshake with it fails until a renewal succeeds"
                     );
@@ -531,6 +565,70 @@ impl Manager {
     }
 }
 
+/// Runs `future` until it completes or SIGINT or SIGTERM arrives, whichever is first.
+async fn until_stopped<T>(
+    addr: SocketAddr,
+    future: impl std::future::Future<Output = Result<T, Error>>,
+) -> Result<T, Error> {
+    let stop = async {
+        if let Err(error) = crate::daemon::wait_for_stop().await {
+            warn!(error = %error, "waiting for a stop signal failed; the daemon keeps waiting for the CA without it");
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        result = future => result,
+        () = stop => Err(Error::Stopped { addr }),
+    }
+}
+
+/// Calls `call` until it succeeds or fails with an error other than an unreachable CA,
+/// waiting between attempts with [`start_backoff`]. Logs each failure with the CA's
+/// address, the error and the delay to the next attempt.
+async fn retry_unavailable<T, F, Fut>(
+    addr: SocketAddr,
+    action: &'static str,
+    mut call: F,
+) -> Result<T, client::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, client::Error>>,
+{
+    let mut attempt: u32 = 0;
+    loop {
+        attempt += 1;
+        match call().await {
+            Ok(value) => {
+                if attempt > 1 {
+                    info!(ca = %addr, attempt, "reached the CA: {action} succeeded after retries");
+                }
+                return Ok(value);
+            }
+            Err(error) if error.is_unavailable() => {
+                let retry_in = jittered(start_backoff(attempt));
+                warn!(
+                    ca = %addr,
+                    error = %error,
+                    attempt,
+                    retry_in = ?retry_in,
+                    "{action} failed; retrying until the CA is reachable or a stop signal arrives"
+                );
+                tokio::time::sleep(retry_in).await;
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}
+
+/// Returns the delay after failed attempt `attempt` (from 1): 1 s, doubled per attempt,
+/// at most 30 s.
+fn start_backoff(attempt: u32) -> Duration {
+    let doublings = attempt.saturating_sub(1).min(16);
+    START_RETRY_MIN
+        .saturating_mul(1 << doublings)
+        .min(START_RETRY_MAX)
+}
+
 fn replace_tls(local: &LocalWorkload, configs: TlsConfigs) {
     match local.tls.write() {
         Ok(mut guard) => *guard = Arc::new(configs),
@@ -593,6 +691,58 @@ mod tests {
             check_clock_skew(clock.now(), SystemTime::now(), Duration::from_secs(30));
         assert!((-91..=-89).contains(&skew), "skew {skew}");
         assert!(result.is_err());
+    }
+
+    #[test]
+    fn start_backoff_doubles_up_to_cap() {
+        let delays: Vec<u64> = (1..=8)
+            .map(|attempt| start_backoff(attempt).as_secs())
+            .collect();
+        assert_eq!(delays, [1, 2, 4, 8, 16, 30, 30, 30]);
+        assert_eq!(start_backoff(u32::MAX), START_RETRY_MAX);
+    }
+
+    #[tokio::test]
+    async fn retry_unavailable_stops_on_rejection() {
+        let addr: SocketAddr = "127.0.0.1:15012".parse().expect("parse the address");
+        let mut calls = 0;
+        let result: Result<(), client::Error> = retry_unavailable(addr, "testing", || {
+            calls += 1;
+            std::future::ready(Err(client::Error::Rejected {
+                addr,
+                call: "AttestNode",
+                code: tonic::Code::PermissionDenied,
+                message: "the join token for node n1 does not match".to_owned(),
+            }))
+        })
+        .await;
+
+        assert!(
+            matches!(result, Err(client::Error::Rejected { .. })),
+            "{result:?}"
+        );
+        assert_eq!(calls, 1, "a rejection was retried");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_unavailable_retries_until_success() {
+        let addr: SocketAddr = "127.0.0.1:15012".parse().expect("parse the address");
+        let mut calls = 0;
+        let result = retry_unavailable(addr, "testing", || {
+            calls += 1;
+            std::future::ready(if calls < 3 {
+                Err(client::Error::Unavailable {
+                    addr,
+                    call: "GetTrustBundle",
+                    message: "Connection refused (os error 111)".to_owned(),
+                })
+            } else {
+                Ok(calls)
+            })
+        })
+        .await;
+
+        assert_eq!(result.expect("the third call succeeds"), 3);
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -14,7 +14,7 @@ use tracing_subscriber::EnvFilter;
 use interceptor::ca::{self, ServeConfig};
 use interceptor::config::{parse_duration, RunConfig};
 use interceptor::sidecar::{self, SidecarConfig};
-use interceptor::{daemon, ebpf, identity, netns};
+use interceptor::{daemon, ebpf, identity, identity_manager, netns};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -74,14 +74,23 @@ enum CaCommand {
     },
     /// Run the CA service: sign CSRs of node daemons over TLS (port 15012 by default).
     Serve(ServeConfig),
-    /// Create a one-time join token for a node and print it; only its hash is stored.
+    /// Create a one-time join token for a node and print it (or write it to `--out`);
+    /// only its hash is stored.
     Token {
         /// CA directory.
         #[arg(long, env = "INTERCEPTOR_CA_DIR")]
         dir: PathBuf,
+        /// Workload directory file (TOML) that must contain the node. By default the one
+        /// that `ca serve` last ran with, whose path it records in the CA directory.
+        #[arg(long, env = "INTERCEPTOR_CONFIG")]
+        config: Option<PathBuf>,
         /// Name of the node, as in the workload directory.
         #[arg(long)]
         node: String,
+        /// File to write the token to, with mode 0600, instead of standard output; the
+        /// daemon reads it with `--join-token-file`.
+        #[arg(long)]
+        out: Option<PathBuf>,
         /// How long the token stays valid if unused, e.g. `1h`.
         #[arg(long, default_value = "1h", value_parser = parse_duration)]
         ttl: Duration,
@@ -113,11 +122,25 @@ enum RotateStep {
         #[arg(long, env = "INTERCEPTOR_CA_DIR")]
         dir: PathBuf,
     },
-    /// Stop publishing every root but the signing one.
+    /// Stop publishing every root but the signing one. Rejected until `--max-lifetime`
+    /// plus `--margin` has passed since `activate`, unless `--force` is given.
     Finish {
         /// CA directory.
         #[arg(long, env = "INTERCEPTOR_CA_DIR")]
         dir: PathBuf,
+        /// Maximum certificate lifetime of the CA service (its `--max-lifetime`), e.g.
+        /// `24h`: the longest that a certificate of the old root stays valid after
+        /// `activate`.
+        #[arg(long, env = "INTERCEPTOR_CA_MAX_LIFETIME", default_value = "24h", value_parser = parse_duration)]
+        max_lifetime: Duration,
+        /// Time added to `--max-lifetime`, at least the daemons' longest
+        /// `--bundle-refresh`, e.g. `5m`.
+        #[arg(long, default_value = "5m", value_parser = parse_duration)]
+        margin: Duration,
+        /// Finish even when certificates of the old root may still be valid; new
+        /// connections of workloads that present one fail until their next renewal.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -145,8 +168,14 @@ fn execute(command: Command) -> anyhow::Result<()> {
         Command::Run(config) => {
             check_flags(config.validate())?;
             let runtime = runtime(config.netns.as_deref(), config.worker_threads)?;
-            runtime.block_on(daemon::run(config))?;
-            Ok(())
+            match runtime.block_on(daemon::run(config)) {
+                // A stop signal while the daemon waits for the CA is a normal stop.
+                Err(daemon::Error::IdentityManager(identity_manager::Error::Stopped { addr })) => {
+                    tracing::info!(ca = %addr, "daemon stopping before it reached the CA");
+                    Ok(())
+                }
+                result => Ok(result?),
+            }
         }
         Command::Sidecar(config) => {
             check_flags(config.validate())?;
@@ -200,12 +229,26 @@ fn execute_ca(command: CaCommand) -> anyhow::Result<()> {
             let runtime = runtime(config.netns.as_deref(), config.worker_threads)?;
             runtime.block_on(ca::serve(config))?;
         }
-        CaCommand::Token { dir, node, ttl } => {
-            let loaded = ca::store::load(&dir)?;
-            let token = ca::tokens::create(&dir, loaded.ca.trust_domain(), &node, ttl)
+        CaCommand::Token {
+            dir,
+            config,
+            node,
+            ttl,
+            out,
+        } => {
+            let token = ca::create_join_token(&dir, config.as_deref(), &node, ttl)
                 .with_context(|| format!("creating a join token for node {node}"))?;
-            tracing::info!(%node, valid_for = ?ttl, "created a one-time join token");
-            println!("{token}");
+            match out {
+                Some(out) => {
+                    ca::tokens::write_token_file(&out, &token)
+                        .with_context(|| format!("writing the join token for node {node}"))?;
+                    tracing::info!(%node, valid_for = ?ttl, file = %out.display(), "created a one-time join token");
+                }
+                None => {
+                    tracing::info!(%node, valid_for = ?ttl, "created a one-time join token");
+                    println!("{token}");
+                }
+            }
         }
         CaCommand::Bundle { dir } => {
             let loaded = ca::store::load(&dir)?;
@@ -217,11 +260,16 @@ fn execute_ca(command: CaCommand) -> anyhow::Result<()> {
                 tracing::info!(next = %next.display(), "prepared the next root and published it; wait at least one --bundle-refresh of the daemons, then run `interceptor ca rotate activate`");
             }
             RotateStep::Activate { dir } => {
-                ca::store::activate_rotation(&dir)?;
+                ca::store::activate_rotation(&dir, SystemTime::now())?;
                 tracing::info!("the next root signs from now on and the old root stays published; wait at least the longest SVID lifetime plus one --bundle-refresh, then run `interceptor ca rotate finish`");
             }
-            RotateStep::Finish { dir } => {
-                ca::store::finish_rotation(&dir)?;
+            RotateStep::Finish {
+                dir,
+                max_lifetime,
+                margin,
+                force,
+            } => {
+                ca::store::finish_rotation(&dir, SystemTime::now(), max_lifetime + margin, force)?;
                 tracing::info!("only the signing root is published now; daemons drop the old root at their next bundle refresh");
             }
         },

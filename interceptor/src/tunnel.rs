@@ -62,7 +62,7 @@ pub enum Error {
     },
     #[error("connecting to {addr} timed out")]
     ConnectTimeout { addr: SocketAddr },
-    #[error("the workload's SVID (serial {serial}) expired at {not_after:?} and could not be renewed: check that the CA service is reachable")]
+    #[error("the workload's SVID (serial {serial}) expired at {} and could not be renewed: check that the CA service is reachable", crate::identity::rfc3339(*.not_after))]
     SvidExpired {
         serial: String,
         not_after: SystemTime,

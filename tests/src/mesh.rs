@@ -168,8 +168,9 @@ impl Mesh {
         mesh.start_ca()?;
         for index in 0..mesh.nodes.len() {
             let node = mesh.nodes[index].clone();
-            let token = mesh.ca_command(&["token", "--node", &node])?;
-            write_private(&mesh.token_path(index + 1), token.trim().as_bytes())?;
+            let token_path = mesh.token_path(index + 1);
+            let token_path = token_path.to_string_lossy();
+            mesh.ca_command(&["token", "--node", &node, "--out", &token_path])?;
             mesh.start_daemon(index + 1)?;
         }
         Ok(mesh)
@@ -308,6 +309,17 @@ impl Mesh {
     /// Starts the daemon of node `node_index` (starting at 1), appending to its log, and
     /// waits for its "daemon started" line.
     pub fn start_daemon(&mut self, node_index: usize) -> io::Result<()> {
+        self.start_daemon_then(node_index, |_| Ok(()))
+    }
+
+    /// Starts the daemon of node `node_index` as [`Mesh::start_daemon`] does, but runs
+    /// `meanwhile` after spawning it and before waiting for "daemon started", for
+    /// example to start the CA service only once the daemon runs.
+    pub fn start_daemon_then(
+        &mut self,
+        node_index: usize,
+        meanwhile: impl FnOnce(&mut Mesh) -> io::Result<()>,
+    ) -> io::Result<()> {
         let slot = node_index - 1;
         let log_path = self.log_path(node_index);
         let (log, already) = open_log(&log_path, "daemon started")?;
@@ -328,7 +340,12 @@ impl Mesh {
             .arg(&self.node_netns[slot])
             .args(&self.daemon_args);
         log_to(&mut command, log)?;
-        let child = command.spawn()?;
+        let mut child = command.spawn()?;
+        if let Err(error) = meanwhile(self) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(error);
+        }
         let process_name = format!("daemon of {}", self.nodes[slot]);
         let child = wait_for_line(child, &log_path, "daemon started", already, &process_name)?;
         self.daemons[slot] = Some(Daemon { child });
@@ -517,19 +534,6 @@ pub(crate) fn wait_for_line(
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-/// Writes `contents` to a new file at `path` with mode 0600.
-fn write_private(path: &Path, contents: &[u8]) -> io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let _ = std::fs::remove_file(path);
-    let mut file = File::options()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)?;
-    file.write_all(contents)
 }
 
 /// Sends SIGTERM, waits up to 5 s, then kills.

@@ -1,6 +1,6 @@
 //! Privileged end-to-end tests of the workload identity lifecycle with the CA service:
-//! renewals under live traffic, node authorization, root rotation, CA outages and a CA
-//! that is an intermediate under an operator's root.
+//! renewals under live traffic, node authorization, root rotation, CA outages, a daemon
+//! that starts before the CA and a CA that is an intermediate under an operator's root.
 //!
 //! SVID lifetimes are a few seconds, set through `--svid-lifetime`, and the trust
 //! bundle is refreshed every second, so each test covers many renewals in a short run.
@@ -18,6 +18,7 @@ use interceptor_tests::clients::{self, in_netns, stdout_line, Traffic};
 use interceptor_tests::mesh::{run_peer, scaled, spawn_peer, tail, Mesh, PeerServer, TRUST_DOMAIN};
 use interceptor_tests::setup::{start_island, start_test_mesh, Enroll, MeshOptions, TestMesh};
 use interceptor_tests::Pod;
+use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 
 /// Lifetime of workload SVIDs in most tests: renewals come about every 2 s.
@@ -451,10 +452,12 @@ fn root_rotation_under_traffic() {
     }
     // Every SVID of the old root has expired after one lifetime plus a refresh.
     std::thread::sleep(Duration::from_secs(6));
+    // `finish` waits for the CA's --max-lifetime (24h by default) unless forced; the
+    // workload SVIDs of this test live 4 s.
 
     setup
         .mesh
-        .ca_command(&["rotate", "finish"])
+        .ca_command(&["rotate", "finish", "--force"])
         .expect("rotate finish");
     // Prepare and activate each changed the bundle once, finish a third time.
     for node in [1, 2] {
@@ -657,4 +660,89 @@ fn intermediate_ca_serves_mesh() {
         .expect("issuing an SVID from the operator's root");
     handshake(client_pod, server_pod, &svid, &operator.trust_bundle())
         .expect("a tunnel that trusts only the operator's root");
+}
+
+#[test]
+fn daemon_waits_for_late_ca() {
+    let Some(mut setup) = setup("daemon_waits_for_late_ca", "iu", 231, "30s") else {
+        return;
+    };
+    let client_pod = setup.island.pod(1, 1).clone();
+    let server_pod = setup.island.pod(2, 1).clone();
+    let _server = start_echo_server(&setup);
+    let target = format!("{}:{ECHO_PORT}", server_pod.ip);
+
+    // Node 1 starts over as a new node: no state, a new join token, and no CA.
+    setup.mesh.stop_daemon(1).expect("stopping daemon 1");
+    setup.mesh.stop_ca().expect("stopping the CA");
+    std::fs::remove_dir_all(setup.mesh.state_dir(1)).expect("removing node 1's state");
+    let token_path = setup.mesh.token_path(1);
+    let node = setup.island.nodes()[0].name.clone();
+    setup
+        .mesh
+        .ca_command(&[
+            "token",
+            "--node",
+            &node,
+            "--out",
+            &token_path.to_string_lossy(),
+        ])
+        .expect("creating a new join token for node 1");
+    let retry_line = "attesting this node failed; retrying";
+    let retries_before = setup.mesh.log(1).matches(retry_line).count();
+
+    let ca_addr = setup.mesh.ca_addr().to_string();
+    setup
+        .mesh
+        .start_daemon_then(1, |mesh| {
+            // Two failed attempts (1 s apart, with jitter) show the retry loop, then the
+            // CA starts.
+            wait_for_log(mesh, 1, Duration::from_secs(20), "two retries", |log| {
+                log.matches(retry_line).count() >= retries_before + 2
+            });
+            mesh.start_ca()
+        })
+        .expect("daemon 1 comes up once the CA starts");
+
+    let log = setup.mesh.log(1);
+    let retry = log
+        .lines()
+        .rfind(|line| line.contains(retry_line))
+        .expect("a retry line");
+    assert!(retry.contains(&format!("ca={ca_addr}")), "{retry}");
+    assert!(retry.contains("retry_in="), "{retry}");
+    assert_eq!(
+        retry.matches("Connection refused").count(),
+        1,
+        "the cause appears more than once: {retry}"
+    );
+    assert!(
+        log.contains("attested this node with its join token"),
+        "{}",
+        tail(&log, 30)
+    );
+
+    // The first node SVID has the node lifetime (24 h by default), not the 30 s of the
+    // workload SVIDs, which outlive the CA's absence here.
+    let pem = std::fs::read(setup.mesh.state_dir(1).join("node-cert.pem")).expect("node SVID");
+    let leaf = CertificateDer::pem_slice_iter(&pem)
+        .next()
+        .expect("a certificate in node-cert.pem")
+        .expect("valid PEM");
+    let (not_before, not_after) = identity::validity_of(&leaf).expect("validity");
+    let lifetime = not_after
+        .duration_since(not_before)
+        .expect("not_after after not_before");
+    assert!(
+        lifetime > Duration::from_secs(3600),
+        "the first node SVID lives {lifetime:?}"
+    );
+
+    let output = run_peer(
+        &setup.island,
+        &client_pod,
+        &["client", &target, "--bytes", "1000"],
+    )
+    .expect("running mesh-peer");
+    assert_eq!(stdout_line(&output), "result=ok sent=1000 received=1000");
 }

@@ -53,8 +53,14 @@ pub enum Error {
         code: tonic::Code,
         message: String,
     },
-    #[error("calling {call} on the CA at {addr} failed: {message}")]
+    #[error("calling {call} on the CA at {addr} failed: {message}. Check that `interceptor ca serve` runs at that address, that --ca-addr is right and that this node has a route to it")]
     Unavailable {
+        addr: SocketAddr,
+        call: &'static str,
+        message: String,
+    },
+    #[error("the TLS handshake with the CA at {addr} failed in {call}: {message}. Check that --ca-trust-bundle (or trust-bundle.pem in the state directory) contains the CA's root and that the CA serves the trust domain of the workload directory")]
+    Handshake {
         addr: SocketAddr,
         call: &'static str,
         message: String,
@@ -82,7 +88,8 @@ pub enum Error {
 }
 
 impl Error {
-    /// Returns whether the CA could not be reached, as opposed to a rejection.
+    /// Returns whether the CA could not be reached, as opposed to a rejection or a failed
+    /// TLS handshake, which retrying does not fix.
     pub fn is_unavailable(&self) -> bool {
         matches!(self, Error::Unavailable { .. })
     }
@@ -228,21 +235,7 @@ impl CaClient {
     }
 
     fn call_error(&self, call: &'static str, status: tonic::Status) -> Error {
-        match status.code() {
-            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown => {
-                Error::Unavailable {
-                    addr: self.addr,
-                    call,
-                    message: status_message(&status),
-                }
-            }
-            code => Error::Rejected {
-                addr: self.addr,
-                call,
-                code,
-                message: status.message().to_owned(),
-            },
-        }
+        call_error(self.addr, call, status)
     }
 
     /// Parses a returned chain and checks that its leaf carries `uri`.
@@ -284,17 +277,76 @@ impl CaClient {
     }
 }
 
-/// Returns the status message with the transport error behind it, which tonic keeps
-/// in the source chain.
-fn status_message(status: &tonic::Status) -> String {
-    let mut message = status.message().to_owned();
+/// Classifies a failed call: a TLS handshake that rustls rejected, a CA that could not
+/// be reached, or a rejection by the CA.
+fn call_error(addr: SocketAddr, call: &'static str, status: tonic::Status) -> Error {
+    if is_tls_error(&status) {
+        return Error::Handshake {
+            addr,
+            call,
+            message: status_message(&status),
+        };
+    }
+    match status.code() {
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown => {
+            Error::Unavailable {
+                addr,
+                call,
+                message: status_message(&status),
+            }
+        }
+        code => Error::Rejected {
+            addr,
+            call,
+            code,
+            message: status.message().to_owned(),
+        },
+    }
+}
+
+/// Returns whether the source chain of `status` contains a rustls error, such as a CA
+/// certificate that the bundle does not trust or that carries another trust domain.
+fn is_tls_error(status: &tonic::Status) -> bool {
     let mut source = std::error::Error::source(status);
     while let Some(error) = source {
-        message.push_str(": ");
-        message.push_str(&error.to_string());
+        if error.is::<rustls::Error>() {
+            return true;
+        }
+        if let Some(io_error) = error.downcast_ref::<io::Error>() {
+            if io_error
+                .get_ref()
+                .is_some_and(|inner| inner.is::<rustls::Error>())
+            {
+                return true;
+            }
+        }
         source = error.source();
     }
-    message
+    false
+}
+
+/// Returns the status message with the transport errors that tonic keeps in the source
+/// chain, each text once. Tonic copies the innermost cause (such as "Connection refused
+/// (os error 111)") into the message and into several layers of the chain, so a text
+/// that another part already contains is left out.
+fn status_message(status: &tonic::Status) -> String {
+    let mut chain = Vec::new();
+    let mut source = std::error::Error::source(status);
+    while let Some(error) = source {
+        chain.push(error.to_string());
+        source = error.source();
+    }
+    let mut parts: Vec<String> = Vec::new();
+    let message = status.message();
+    if !message.is_empty() && !chain.iter().any(|text| text.contains(message)) {
+        parts.push(message.to_owned());
+    }
+    for text in chain {
+        if !text.is_empty() && !parts.iter().any(|part| part.contains(&text)) {
+            parts.push(text);
+        }
+    }
+    parts.join(": ")
 }
 
 fn seconds(duration: Duration) -> i64 {
@@ -528,5 +580,84 @@ mod tests {
             ),
             "{open:?}"
         );
+    }
+
+    #[derive(Debug)]
+    struct Layer {
+        text: &'static str,
+        source: Option<Box<Layer>>,
+    }
+
+    impl std::fmt::Display for Layer {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.text)
+        }
+    }
+
+    impl std::error::Error for Layer {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.source.as_deref().map(|layer| layer as _)
+        }
+    }
+
+    #[test]
+    fn status_message_shows_cause_once() {
+        let refused = "Connection refused (os error 111)";
+        let chain = Layer {
+            text: "transport error",
+            source: Some(Box::new(Layer {
+                text: refused,
+                source: Some(Box::new(Layer {
+                    text: refused,
+                    source: None,
+                })),
+            })),
+        };
+        let mut status = tonic::Status::unavailable(refused);
+        status.set_source(std::sync::Arc::new(chain));
+
+        assert_eq!(
+            status_message(&status),
+            "transport error: Connection refused (os error 111)"
+        );
+    }
+
+    #[test]
+    fn tls_failure_is_not_retried() {
+        let addr: SocketAddr = "10.254.0.100:15012".parse().expect("parse the address");
+        let rustls_error =
+            rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer);
+        let mut status = tonic::Status::unavailable("transport error");
+        status.set_source(std::sync::Arc::new(io::Error::new(
+            io::ErrorKind::InvalidData,
+            rustls_error,
+        )));
+
+        let error = call_error(addr, "GetTrustBundle", status);
+        assert!(matches!(error, Error::Handshake { .. }), "{error:?}");
+        assert!(!error.is_unavailable());
+
+        let refused = tonic::Status::unavailable("Connection refused (os error 111)");
+        assert!(call_error(addr, "GetTrustBundle", refused).is_unavailable());
+    }
+
+    #[test]
+    fn status_message_keeps_distinct_texts() {
+        let status = tonic::Status::unavailable("the CA is overloaded");
+        assert_eq!(status_message(&status), "the CA is overloaded");
+    }
+
+    #[test]
+    fn unavailable_error_says_what_to_check() {
+        let error = Error::Unavailable {
+            addr: "10.254.0.100:15012".parse().expect("parse the address"),
+            call: "AttestNode",
+            message: "Connection refused (os error 111)".to_owned(),
+        };
+        let text = error.to_string();
+        assert_eq!(text.matches("Connection refused").count(), 1, "{text}");
+        assert!(text.contains("`interceptor ca serve`"), "{text}");
+        assert!(text.contains("--ca-addr"), "{text}");
+        assert!(text.contains("route"), "{text}");
     }
 }

@@ -32,7 +32,7 @@ pub mod proto {
 }
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -57,6 +57,9 @@ const SERVICE_CERT_LIFETIME: Duration = Duration::from_secs(24 * 60 * 60);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Accepted connections waiting for the gRPC server.
 const ACCEPT_QUEUE: usize = 64;
+/// File in the CA directory with the path of the workload directory that `ca serve`
+/// last ran with, so `ca token` can check node names without `--config`.
+pub const DIRECTORY_PATH_FILE: &str = "workload-directory.path";
 
 /// Errors that stop the CA service or a `ca` command.
 #[derive(Debug, thiserror::Error)]
@@ -87,6 +90,22 @@ pub enum Error {
     Serve(#[source] tonic::transport::Error),
     #[error("waiting for a stop signal failed")]
     Signal(#[source] std::io::Error),
+    #[error("node {node:?} is not in the workload directory {path} (known nodes: {known}): add it there, or check the name")]
+    UnknownNode {
+        node: String,
+        path: PathBuf,
+        known: String,
+    },
+    #[error("no workload directory to check node {node:?} against: give --config FILE, or run `interceptor ca serve --dir {}` once, which records the path of its --config", dir.display())]
+    NoDirectory { node: String, dir: PathBuf },
+    #[error(transparent)]
+    Token(#[from] tokens::Error),
+    #[error("recording the workload directory path in {path} failed")]
+    RecordDirectory {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Flags of `interceptor ca serve`.
@@ -161,6 +180,7 @@ impl ServeConfig {
 /// Runs the CA service until SIGINT or SIGTERM.
 pub async fn serve(config: ServeConfig) -> Result<(), Error> {
     let snapshot = read_snapshot(&config)?;
+    record_directory_path(&config.dir, &config.config)?;
     let trust_domain = snapshot.loaded.ca.trust_domain().clone();
     let roots = snapshot.loaded.bundle.len();
     let tls = Arc::new(RwLock::new(service_tls(&snapshot)?));
@@ -222,6 +242,61 @@ fn read_snapshot(config: &ServeConfig) -> Result<Snapshot, Error> {
         });
     }
     Ok(Snapshot { loaded, directory })
+}
+
+/// Writes the absolute path of the workload directory file to the CA directory.
+fn record_directory_path(dir: &Path, directory: &Path) -> Result<(), Error> {
+    let path = dir.join(DIRECTORY_PATH_FILE);
+    let record_error = |source| Error::RecordDirectory {
+        path: path.clone(),
+        source,
+    };
+    let absolute = std::path::absolute(directory).map_err(record_error)?;
+    let text = format!("{}\n", absolute.display());
+    if std::fs::read_to_string(&path).ok().as_deref() == Some(text.as_str()) {
+        return Ok(());
+    }
+    std::fs::write(&path, text).map_err(record_error)
+}
+
+/// Creates a join token for `node` after checking that the workload directory places
+/// the node: the file `directory`, or else the one that `ca serve` recorded in `dir`.
+pub fn create_join_token(
+    dir: &Path,
+    directory: Option<&Path>,
+    node: &str,
+    ttl: Duration,
+) -> Result<String, Error> {
+    let loaded = store::load(dir)?;
+    let directory_path = match directory {
+        Some(path) => path.to_owned(),
+        None => match std::fs::read_to_string(dir.join(DIRECTORY_PATH_FILE)) {
+            Ok(text) if !text.trim().is_empty() => PathBuf::from(text.trim()),
+            _ => {
+                return Err(Error::NoDirectory {
+                    node: node.to_owned(),
+                    dir: dir.to_owned(),
+                })
+            }
+        },
+    };
+    let workloads = Directory::load(&directory_path)?;
+    if workloads.node(node).is_none() {
+        let known: Vec<&str> = workloads.nodes.iter().map(|n| n.name.as_str()).collect();
+        return Err(Error::UnknownNode {
+            node: node.to_owned(),
+            path: directory_path,
+            known: known.join(", "),
+        });
+    }
+    if loaded.ca.trust_domain() != &workloads.trust_domain {
+        return Err(Error::TrustDomainMismatch {
+            path: dir.to_owned(),
+            ca: loaded.ca.trust_domain().to_string(),
+            directory: workloads.trust_domain.to_string(),
+        });
+    }
+    Ok(tokens::create(dir, loaded.ca.trust_domain(), node, ttl)?)
 }
 
 /// Issues the service's own certificate from the signing root and builds the server
@@ -341,5 +416,72 @@ async fn accept(
                 Err(_) => debug!(%peer, "TLS handshake with a CA client timed out"),
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::testing::TestDir;
+    use crate::identity::{CertificateAuthority, TrustDomain};
+
+    const DIRECTORY: &str = r#"
+trust_domain = "td.test"
+
+[[nodes]]
+name = "n1"
+cgroup = "interceptor/n1"
+
+[[nodes]]
+name = "n2"
+cgroup = "interceptor/n2"
+"#;
+
+    /// Creates a CA and a workload directory file in `dir` and returns their paths.
+    fn ca_and_directory(dir: &TestDir) -> (PathBuf, PathBuf) {
+        let ca_dir = dir.path().join("ca");
+        let td: TrustDomain = "td.test".parse().expect("parse the trust domain");
+        CertificateAuthority::init(&ca_dir, &td).expect("create the CA");
+        let directory = dir.path().join("mesh.toml");
+        std::fs::write(&directory, DIRECTORY).expect("write the workload directory");
+        (ca_dir, directory)
+    }
+
+    #[test]
+    fn token_for_unknown_node_rejected() {
+        let dir = TestDir::new("ca-token-unknown");
+        let (ca_dir, directory) = ca_and_directory(&dir);
+
+        let result =
+            create_join_token(&ca_dir, Some(&directory), "nosuch", Duration::from_secs(60));
+
+        let error = result.expect_err("a token for a node outside the directory");
+        assert!(matches!(error, Error::UnknownNode { .. }), "{error:?}");
+        assert!(error.to_string().contains("known nodes: n1, n2"), "{error}");
+        assert!(
+            !ca_dir.join(tokens::TOKEN_DIR).join("nosuch").exists(),
+            "a token file was written"
+        );
+    }
+
+    #[test]
+    fn token_uses_recorded_directory() {
+        let dir = TestDir::new("ca-token-recorded");
+        let (ca_dir, directory) = ca_and_directory(&dir);
+
+        let missing = create_join_token(&ca_dir, None, "n1", Duration::from_secs(60));
+        assert!(
+            matches!(missing, Err(Error::NoDirectory { .. })),
+            "{missing:?}"
+        );
+
+        record_directory_path(&ca_dir, &directory).expect("record the path");
+        create_join_token(&ca_dir, None, "n1", Duration::from_secs(60))
+            .expect("a token for a known node");
+        let unknown = create_join_token(&ca_dir, None, "n3", Duration::from_secs(60));
+        assert!(
+            matches!(unknown, Err(Error::UnknownNode { .. })),
+            "{unknown:?}"
+        );
     }
 }

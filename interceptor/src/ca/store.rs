@@ -6,6 +6,7 @@
 //! <dir>/root-cert.pem               the operator's root, when the CA is an intermediate
 //! <dir>/trust-bundle.pem            further roots to publish, during a rotation
 //! <dir>/next/ca-cert.pem, ca-key.pem  the prepared root of a rotation
+//! <dir>/rotation-activated          UNIX time of the last `activate`, until `finish`
 //! <dir>/join-tokens/<node>          hashed join tokens (see `tokens`)
 //! ```
 //!
@@ -13,11 +14,13 @@
 //! `trust-bundle.pem`, without duplicates. A rotation is `prepare` (create the next
 //! root and publish it), `activate` (sign with it, keep publishing the old one) and
 //! `finish` (stop publishing the old root). The service rereads these files every
-//! second, so each step takes effect without a restart.
+//! second, so each step takes effect without a restart. `finish` rejects a call before
+//! the certificates that the old root signed can have expired, unless forced.
 
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
@@ -28,6 +31,8 @@ use crate::identity::{self, CertificateAuthority, CA_CERT_FILE, CA_KEY_FILE};
 pub const BUNDLE_FILE: &str = "trust-bundle.pem";
 /// Directory of the prepared root during a rotation.
 pub const NEXT_DIR: &str = "next";
+/// File with the UNIX time in seconds at which `activate` ran, removed by `finish`.
+pub const ACTIVATED_FILE: &str = "rotation-activated";
 
 /// Errors of reading the CA directory and of the rotation steps.
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +62,14 @@ pub enum Error {
     AlreadyPrepared { path: PathBuf },
     #[error("no prepared root in {path}: run `interceptor ca rotate prepare` first")]
     NotPrepared { path: PathBuf },
+    #[error("too early to finish the rotation: the old root signed certificates until {} that may stay valid for up to {wait:?} (--max-lifetime plus --margin), so finish is safe from {}. Run it again then, or pass --force to stop trusting those certificates now", identity::rfc3339(*.activated), identity::rfc3339(*.safe_at))]
+    TooEarly {
+        activated: SystemTime,
+        wait: Duration,
+        safe_at: SystemTime,
+    },
+    #[error("invalid activation time in {path}: {text:?}")]
+    InvalidActivation { path: PathBuf, text: String },
     #[error("the CA in {path} is an intermediate under an operator's root, which `ca rotate` does not rotate: rotate the operator's root with the operator's own tools")]
     IntermediateRotation { path: PathBuf },
 }
@@ -142,8 +155,9 @@ pub fn prepare_rotation(dir: &Path) -> Result<PathBuf, Error> {
 }
 
 /// Rotation step 2: makes the prepared root the signing root and keeps the old root in
-/// the published bundle, so SVIDs it signed stay valid until they expire.
-pub fn activate_rotation(dir: &Path) -> Result<(), Error> {
+/// the published bundle, so SVIDs it signed stay valid until they expire. Records `now`
+/// as the activation time, which `finish` checks.
+pub fn activate_rotation(dir: &Path, now: SystemTime) -> Result<(), Error> {
     let current = load(dir)?;
     let next = dir.join(NEXT_DIR);
     if !next.join(CA_CERT_FILE).exists() {
@@ -166,19 +180,61 @@ pub fn activate_rotation(dir: &Path) -> Result<(), Error> {
     rename(&next.join(CA_KEY_FILE), &dir.join(CA_KEY_FILE))?;
     rename(&next.join(CA_CERT_FILE), &dir.join(CA_CERT_FILE))?;
     let _ = fs::remove_dir(&next);
-    Ok(())
+    let seconds = now
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |since| since.as_secs());
+    let path = dir.join(ACTIVATED_FILE);
+    fs::write(&path, format!("{seconds}\n")).map_err(|source| Error::Write { path, source })
+}
+
+/// Reads the time at which `activate` ran; `None` when no rotation is activated.
+fn read_activation(dir: &Path) -> Result<Option<SystemTime>, Error> {
+    let path = dir.join(ACTIVATED_FILE);
+    let text = match fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(Error::Read { path, source }),
+    };
+    match text.trim().parse::<u64>() {
+        Ok(seconds) => Ok(Some(UNIX_EPOCH + Duration::from_secs(seconds))),
+        Err(_) => Err(Error::InvalidActivation { path, text }),
+    }
 }
 
 /// Rotation step 3: stops publishing every root but the signing one. Peers reject
 /// certificates of the old root from their next bundle refresh on.
-pub fn finish_rotation(dir: &Path) -> Result<(), Error> {
+///
+/// Unless `force` is set, rejects the call while less than `wait` has passed since
+/// `activate`, because certificates that the old root signed just before may still be
+/// valid. `wait` is the longest certificate lifetime plus a margin for the daemons'
+/// bundle refresh. Without an activation record (a CA activated by an older version,
+/// or no rotation at all) there is nothing to check.
+pub fn finish_rotation(
+    dir: &Path,
+    now: SystemTime,
+    wait: Duration,
+    force: bool,
+) -> Result<(), Error> {
     load(dir)?;
-    let path = dir.join(BUNDLE_FILE);
-    match fs::remove_file(&path) {
-        Ok(()) => Ok(()),
-        Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(source) => Err(Error::Write { path, source }),
+    if let Some(activated) = read_activation(dir)? {
+        let safe_at = activated + wait;
+        if now < safe_at && !force {
+            return Err(Error::TooEarly {
+                activated,
+                wait,
+                safe_at,
+            });
+        }
     }
+    for file in [BUNDLE_FILE, ACTIVATED_FILE] {
+        let path = dir.join(file);
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => return Err(Error::Write { path, source }),
+        }
+    }
+    Ok(())
 }
 
 fn write_bundle(dir: &Path, roots: &[CertificateDer<'static>]) -> Result<(), Error> {
@@ -227,7 +283,8 @@ mod tests {
             Err(Error::AlreadyPrepared { .. })
         ));
 
-        activate_rotation(&ca_dir).expect("activate");
+        let activated = SystemTime::now();
+        activate_rotation(&ca_dir, activated).expect("activate");
         let active = load(&ca_dir).expect("load after activate");
         assert_ne!(
             active.ca.certificate(),
@@ -241,13 +298,45 @@ mod tests {
         );
         assert_eq!(active.bundle.len(), 2);
         assert!(matches!(
-            activate_rotation(&ca_dir),
+            activate_rotation(&ca_dir, activated),
             Err(Error::NotPrepared { .. })
         ));
 
-        finish_rotation(&ca_dir).expect("finish");
+        let wait = Duration::from_secs(3600);
+        finish_rotation(&ca_dir, activated + wait, wait, false).expect("finish");
+        assert!(!ca_dir.join(ACTIVATED_FILE).exists(), "the record stayed");
         let finished = load(&ca_dir).expect("load after finish");
         assert_eq!(finished.bundle, vec![finished.ca.certificate().clone()]);
+    }
+
+    #[test]
+    fn finish_before_wait_rejected_unless_forced() {
+        let dir = TestDir::new("store-finish-early");
+        let ca_dir = dir.path().join("ca");
+        let td: TrustDomain = "td.test".parse().expect("trust domain");
+        CertificateAuthority::init(&ca_dir, &td).expect("init");
+        prepare_rotation(&ca_dir).expect("prepare");
+        let activated = UNIX_EPOCH + Duration::from_secs(1_764_900_000);
+        activate_rotation(&ca_dir, activated).expect("activate");
+        let wait = Duration::from_secs(3600);
+
+        let early = finish_rotation(&ca_dir, activated + wait / 2, wait, false);
+        let error = early.expect_err("finish half way through the wait");
+        assert!(matches!(error, Error::TooEarly { .. }), "{error:?}");
+        let text = error.to_string();
+        assert!(
+            text.contains("2025-12-05T03:00:00Z"),
+            "no safe time: {text}"
+        );
+        assert!(text.contains("--force"), "{text}");
+        assert_eq!(
+            load(&ca_dir).expect("load").bundle.len(),
+            2,
+            "a rejected finish changed the bundle"
+        );
+
+        finish_rotation(&ca_dir, activated + wait / 2, wait, true).expect("forced finish");
+        assert_eq!(load(&ca_dir).expect("load").bundle.len(), 1);
     }
 
     #[test]

@@ -1,9 +1,9 @@
 //! One-time join tokens, with which a node daemon attests its node to the CA.
 //!
-//! `interceptor ca token --node NAME` draws 32 random bytes, prints them once in hex and
-//! stores only their SHA-256 with an expiry in `<ca-dir>/join-tokens/NAME` (mode 0600).
-//! Redeeming a token removes that file, so each token works once; a new token for the
-//! same node replaces an unused one.
+//! `interceptor ca token --node NAME` draws 32 random bytes, prints them once in hex (or
+//! writes them to `--out FILE` with mode 0600) and stores only their SHA-256 with an
+//! expiry in `<ca-dir>/join-tokens/NAME` (mode 0600). Redeeming a token removes that
+//! file, so each token works once; a new token for the same node replaces an unused one.
 
 use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
@@ -39,24 +39,22 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
-    #[error("no unused join token for node {node}: create one with `interceptor ca token --node {node}`")]
-    Missing { node: String },
+    #[error("no unused join token for node {node}: create one with `interceptor ca token --dir {} --node {node}`", dir.display())]
+    Missing { node: String, dir: PathBuf },
     #[error("reading join token file {path} failed")]
     Read {
         path: PathBuf,
         #[source]
         source: io::Error,
     },
-    #[error(
-        "join token file {path} must not be accessible to group or others but has mode {mode:04o}"
-    )]
+    #[error("{path} must not be accessible to group or others but has mode {mode:04o}: run `chmod 600 {path}`, or create the file under `umask 077`")]
     InsecureMode { path: PathBuf, mode: u32 },
     #[error("invalid join token file {path}: {reason}")]
     InvalidFile { path: PathBuf, reason: &'static str },
     #[error("the join token for node {node} does not match")]
     Mismatch { node: String },
-    #[error("the join token for node {node} expired; create a new one with `interceptor ca token --node {node}`")]
-    Expired { node: String },
+    #[error("the join token for node {node} expired; create a new one with `interceptor ca token --dir {} --node {node}`", dir.display())]
+    Expired { node: String, dir: PathBuf },
 }
 
 /// Creates a join token for `node`, valid for `ttl`, and returns it in hex.
@@ -83,18 +81,37 @@ pub fn create(
     let contents = format!("sha256 {}\nexpires {expires_unix}\n", sha256_hex(&token));
 
     let dir = ca_dir.join(TOKEN_DIR);
-    let write_error = |path: &Path| {
-        let path = path.to_owned();
-        move |source| Error::Write { path, source }
-    };
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(&dir)
-        .map_err(write_error(&dir))?;
-    // Write a temporary file and rename it, so a reader never sees half a file.
-    let path = dir.join(node);
-    let temporary = dir.join(format!(".{node}.new"));
+        .map_err(|source| Error::Write {
+            path: dir.clone(),
+            source,
+        })?;
+    write_private(&dir.join(node), contents.as_bytes())?;
+    Ok(token)
+}
+
+/// Writes `token` and a newline to `path` with mode 0600, replacing the file if it
+/// exists, for the daemon's `--join-token-file`.
+pub fn write_token_file(path: &Path, token: &str) -> Result<(), Error> {
+    write_private(path, format!("{token}\n").as_bytes())
+}
+
+/// Writes `contents` to `path` with mode 0600 through a temporary file in the same
+/// directory and a rename, so a reader never sees half a file and an existing file with
+/// a wider mode is replaced, not reused.
+fn write_private(path: &Path, contents: &[u8]) -> Result<(), Error> {
+    let write_error = |path: &Path| {
+        let path = path.to_owned();
+        move |source| Error::Write { path, source }
+    };
+    let name = path
+        .file_name()
+        .map(|name| name.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let temporary = path.with_file_name(format!(".{name}.new"));
     let _ = fs::remove_file(&temporary);
     let mut file = OpenOptions::new()
         .write(true)
@@ -102,11 +119,10 @@ pub fn create(
         .mode(0o600)
         .open(&temporary)
         .map_err(write_error(&temporary))?;
-    file.write_all(contents.as_bytes())
+    file.write_all(contents)
         .and_then(|()| file.sync_all())
         .map_err(write_error(&temporary))?;
-    fs::rename(&temporary, &path).map_err(write_error(&path))?;
-    Ok(token)
+    fs::rename(&temporary, path).map_err(write_error(path))
 }
 
 /// Redeems `token` for `node` at time `now`: checks it against the stored hash and
@@ -118,6 +134,7 @@ pub fn redeem(ca_dir: &Path, node: &str, token: &str, now: SystemTime) -> Result
         Err(Error::Read { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
             return Err(Error::Missing {
                 node: node.to_owned(),
+                dir: ca_dir.to_owned(),
             })
         }
         other => other?,
@@ -150,11 +167,13 @@ pub fn redeem(ca_dir: &Path, node: &str, token: &str, now: SystemTime) -> Result
         let _ = fs::remove_file(&path);
         return Err(Error::Expired {
             node: node.to_owned(),
+            dir: ca_dir.to_owned(),
         });
     }
     fs::remove_file(&path).map_err(|source| match source.kind() {
         io::ErrorKind::NotFound => Error::Missing {
             node: node.to_owned(),
+            dir: ca_dir.to_owned(),
         },
         _ => Error::Read {
             path: path.clone(),
@@ -251,6 +270,43 @@ mod tests {
         let later = SystemTime::now() + Duration::from_secs(120);
         let expired = redeem(dir.path(), "n1", &token, later);
         assert!(matches!(expired, Err(Error::Expired { .. })), "{expired:?}");
+    }
+
+    #[test]
+    fn insecure_mode_error_gives_fix() {
+        let error = Error::InsecureMode {
+            path: PathBuf::from("n1.token"),
+            mode: 0o644,
+        };
+        let text = error.to_string();
+        assert!(text.contains("mode 0644"), "{text}");
+        assert!(text.contains("`chmod 600 n1.token`"), "{text}");
+        assert!(text.contains("umask 077"), "{text}");
+    }
+
+    #[test]
+    fn missing_token_hint_names_ca_dir() {
+        let dir = TestDir::new("token-hint");
+        let error = redeem(dir.path(), "n2", "00", SystemTime::now()).expect_err("no token");
+        let expected = format!(
+            "`interceptor ca token --dir {} --node n2`",
+            dir.path().display()
+        );
+        assert!(error.to_string().contains(&expected), "{error}");
+    }
+
+    #[test]
+    fn token_file_written_private() {
+        let dir = TestDir::new("token-out");
+        let path = dir.path().join("n1.token");
+        fs::write(&path, "old").expect("write an old file");
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).expect("chmod");
+
+        write_token_file(&path, "abc").expect("write the token file");
+
+        let mode = fs::metadata(&path).expect("stat").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(read_private(&path).expect("read back"), "abc\n");
     }
 
     #[test]
