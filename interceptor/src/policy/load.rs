@@ -151,20 +151,21 @@ fn compile(raw: RawPolicy, path: &Path, document: usize) -> Result<Policy, Field
     };
 
     let spec = raw.spec;
-    reject_present(
-        &spec.target_ref,
-        "spec.targetRef",
-        "is not supported, use spec.selector",
+    let use_selector = "policies attach to workloads only through spec.selector, \
+                        so replace the field with a selector on the workload's labels";
+    reject_unsupported(
+        &[
+            ("targetRef", &spec.target_ref),
+            ("targetRefs", &spec.target_refs),
+        ],
+        "spec",
+        use_selector,
     )?;
-    reject_present(
-        &spec.target_refs,
-        "spec.targetRefs",
-        "is not supported, use spec.selector",
-    )?;
-    reject_present(
-        &spec.provider,
-        "spec.provider",
-        "is not supported, it belongs to the CUSTOM action",
+    reject_unsupported(
+        &[("provider", &spec.provider)],
+        "spec",
+        "the provider belongs to the CUSTOM action, which this interceptor does not \
+         implement, so remove the field",
     )?;
     let action = match spec.action.as_deref() {
         None | Some("ALLOW") => Action::Allow,
@@ -216,13 +217,6 @@ fn required_name(value: Option<String>, field: &str) -> Result<String, FieldErro
     }
 }
 
-fn reject_present<T>(value: &Option<T>, field: &str, reason: &str) -> Result<(), FieldError> {
-    match value {
-        Some(_) => Err((field.to_owned(), reason.to_owned())),
-        None => Ok(()),
-    }
-}
-
 fn compile_selector(
     labels: BTreeMap<String, String>,
 ) -> Result<BTreeMap<String, String>, FieldError> {
@@ -263,26 +257,25 @@ fn compile_rule(rule: RawRule, field: &str) -> Result<Rule, FieldError> {
 }
 
 fn compile_source(source: RawSource, field: &str) -> Result<Vec<Condition>, FieldError> {
-    let l7 = [
-        ("requestPrincipals", source.request_principals.is_some()),
-        (
-            "notRequestPrincipals",
-            source.not_request_principals.is_some(),
-        ),
-    ];
-    reject_l7(
-        &l7,
+    reject_unsupported(
+        &[
+            ("requestPrincipals", &source.request_principals),
+            ("notRequestPrincipals", &source.not_request_principals),
+        ],
         field,
-        "it needs a JWT, which an L4 interceptor never sees",
+        "request principals come from a JWT inside HTTP requests, which an L4 \
+         interceptor never sees, so remove the field or move the rule to a waypoint \
+         or another L7 proxy",
     )?;
-    let unsupported = [
-        ("serviceAccounts", source.service_accounts.is_some()),
-        ("notServiceAccounts", source.not_service_accounts.is_some()),
-    ];
-    if let Some((name, _)) = unsupported.iter().find(|(_, present)| *present) {
-        let message = "is not supported, use principals".to_owned();
-        return Err((format!("{field}.{name}"), message));
-    }
+    reject_unsupported(
+        &[
+            ("serviceAccounts", &source.service_accounts),
+            ("notServiceAccounts", &source.not_service_accounts),
+        ],
+        field,
+        "match the service account through principals instead, as \
+         \"<trust domain>/ns/<namespace>/sa/<service account>\"",
+    )?;
 
     let fields = [
         ("principals", source.principals, false),
@@ -316,18 +309,18 @@ fn compile_source(source: RawSource, field: &str) -> Result<Vec<Condition>, Fiel
 }
 
 fn compile_operation(operation: RawOperation, field: &str) -> Result<Vec<Condition>, FieldError> {
-    let l7 = [
-        ("hosts", operation.hosts.is_some()),
-        ("notHosts", operation.not_hosts.is_some()),
-        ("methods", operation.methods.is_some()),
-        ("notMethods", operation.not_methods.is_some()),
-        ("paths", operation.paths.is_some()),
-        ("notPaths", operation.not_paths.is_some()),
-    ];
-    reject_l7(
-        &l7,
+    reject_unsupported(
+        &[
+            ("hosts", &operation.hosts),
+            ("notHosts", &operation.not_hosts),
+            ("methods", &operation.methods),
+            ("notMethods", &operation.not_methods),
+            ("paths", &operation.paths),
+            ("notPaths", &operation.not_paths),
+        ],
         field,
-        "it is an HTTP attribute, which an L4 interceptor never sees",
+        "HTTP attributes are invisible to an L4 interceptor, so remove the field or \
+         move the rule to a waypoint or another L7 proxy",
     )?;
 
     let mut conditions = Vec::new();
@@ -387,14 +380,70 @@ fn compile_condition(condition: RawCondition, field: &str) -> Result<Vec<Conditi
     Ok(conditions)
 }
 
-fn reject_l7(fields: &[(&str, bool)], field: &str, reason: &str) -> Result<(), FieldError> {
-    match fields.iter().find(|(_, present)| *present) {
-        Some((name, _)) => Err((
-            format!("{field}.{name}"),
-            format!("is not supported: {reason}"),
-        )),
-        None => Ok(()),
+/// Rejects the first of `fields` that is set, naming it under `parent` and quoting its
+/// value. `advice` says why the field is unsupported and what to do instead.
+fn reject_unsupported(
+    fields: &[(&str, &Option<yaml_serde::Value>)],
+    parent: &str,
+    advice: &str,
+) -> Result<(), FieldError> {
+    let Some((name, Some(value))) = fields.iter().find(|(_, value)| value.is_some()) else {
+        return Ok(());
+    };
+    let message = format!("{} is not supported: {advice}", flow_yaml(value));
+    Err((format!("{parent}.{name}"), message))
+}
+
+/// Values longer than this are cut in error messages, so that a pasted document does
+/// not flood the log.
+const MAX_QUOTED_VALUE_CHARS: usize = 80;
+
+/// Formats `value` on one line in YAML flow style, such as `["GET", "POST"]`, cut to
+/// [`MAX_QUOTED_VALUE_CHARS`].
+fn flow_yaml(value: &yaml_serde::Value) -> String {
+    fn write(value: &yaml_serde::Value, out: &mut String) {
+        use yaml_serde::Value;
+        match value {
+            Value::Null => out.push_str("null"),
+            Value::Bool(b) => out.push_str(&b.to_string()),
+            Value::Number(n) => out.push_str(&n.to_string()),
+            Value::String(s) => out.push_str(&format!("{s:?}")),
+            Value::Sequence(items) => {
+                out.push('[');
+                for (index, item) in items.iter().enumerate() {
+                    if index > 0 {
+                        out.push_str(", ");
+                    }
+                    write(item, out);
+                }
+                out.push(']');
+            }
+            Value::Mapping(entries) => {
+                out.push('{');
+                for (index, (key, item)) in entries.iter().enumerate() {
+                    if index > 0 {
+                        out.push_str(", ");
+                    }
+                    write(key, out);
+                    out.push_str(": ");
+                    write(item, out);
+                }
+                out.push('}');
+            }
+            Value::Tagged(tagged) => {
+                out.push_str(&format!("{} ", tagged.tag));
+                write(&tagged.value, out);
+            }
+        }
     }
+
+    let mut out = String::new();
+    write(value, &mut out);
+    if out.chars().count() > MAX_QUOTED_VALUE_CHARS {
+        out = out.chars().take(MAX_QUOTED_VALUE_CHARS).collect();
+        out.push_str("...");
+    }
+    out
 }
 
 /// Rejects an empty list, because Istio treats it as "not set", the opposite of what a

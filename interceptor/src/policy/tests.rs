@@ -1298,3 +1298,63 @@ async fn watcher_task_notifies_subscribers() {
     assert_eq!(store.current().len(), 2);
     task.abort();
 }
+
+#[test]
+fn load_error_quotes_unsupported_value() {
+    let operation = "spec.rules[0].to[0].operation";
+    let source = "spec.rules[0].from[0].source";
+    // Each case: policy text, expected field path, and expected start of the message.
+    let cases = [
+        (
+            operation_rule("methods", r#"["GET"]"#),
+            format!("{operation}.methods"),
+            r#"["GET"] is not supported: HTTP attributes are invisible to an L4 interceptor"#,
+        ),
+        (
+            operation_rule("notPaths", r#"["/admin", "/debug"]"#),
+            format!("{operation}.notPaths"),
+            r#"["/admin", "/debug"] is not supported: HTTP attributes"#,
+        ),
+        (
+            source_rule("requestPrincipals", r#"["*"]"#),
+            format!("{source}.requestPrincipals"),
+            r#"["*"] is not supported: request principals come from a JWT"#,
+        ),
+        (
+            source_rule("serviceAccounts", r#"["ns/sa"]"#),
+            format!("{source}.serviceAccounts"),
+            r#"["ns/sa"] is not supported: match the service account through principals"#,
+        ),
+        (
+            policy("server", "p", "{targetRef: {kind: Service, name: web}}"),
+            "spec.targetRef".to_owned(),
+            r#"{"kind": "Service", "name": "web"} is not supported: policies attach"#,
+        ),
+        (
+            policy("server", "p", "{provider: {name: ext-authz}}"),
+            "spec.provider".to_owned(),
+            r#"{"name": "ext-authz"} is not supported: the provider belongs to the CUSTOM"#,
+        ),
+    ];
+
+    for (yaml, expected_field, expected_start) in cases {
+        let (_, field, message) = load_error(&yaml);
+        assert_eq!(field, expected_field, "field of error {message:?}");
+        assert!(
+            message.starts_with(expected_start),
+            "message {message:?} does not start with {expected_start:?}"
+        );
+    }
+}
+
+#[test]
+fn load_error_cuts_long_value() {
+    let paths: Vec<String> = (0..50).map(|i| format!("\"/path/{i}\"")).collect();
+    let yaml = operation_rule("paths", &format!("[{}]", paths.join(", ")));
+    let (_, _, message) = load_error(&yaml);
+    let (value, _) = message
+        .split_once(" is not supported")
+        .expect("message quotes the value");
+    assert!(value.ends_with("..."), "long value is cut: {value}");
+    assert!(value.len() < 100, "long value is cut: {value}");
+}
