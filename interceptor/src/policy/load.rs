@@ -93,7 +93,7 @@ pub(super) fn parse_file(text: &str, path: &Path, policies: &mut Vec<Policy>) ->
                 Some((head, rest)) if field.starts_with(head) => rest.to_owned(),
                 _ => message,
             };
-            invalid(field, message)
+            invalid(field, drop_unsupported_from_expected(&message))
         })?;
         let Some(raw) = raw else { continue };
         let policy = compile(raw, path, document_number)
@@ -111,6 +111,54 @@ pub(super) fn parse_file(text: &str, path: &Path, policies: &mut Vec<Policy>) ->
         policies.push(policy);
     }
     Ok(())
+}
+
+/// Fields that the raw structs declare only to reject them with a reason, so that an
+/// unknown-field message must not offer them.
+const UNSUPPORTED_FIELDS: [&str; 13] = [
+    "targetRef",
+    "targetRefs",
+    "provider",
+    "requestPrincipals",
+    "notRequestPrincipals",
+    "serviceAccounts",
+    "notServiceAccounts",
+    "hosts",
+    "notHosts",
+    "methods",
+    "notMethods",
+    "paths",
+    "notPaths",
+];
+
+/// Rewrites serde's "unknown field `x`, expected one of `a`, `b`" so that the list holds
+/// only supported fields. Other messages are returned as they are.
+fn drop_unsupported_from_expected(message: &str) -> String {
+    let Some(rest) = message.strip_prefix("unknown field `") else {
+        return message.to_owned();
+    };
+    let Some((unknown, rest)) = rest.split_once("`, expected ") else {
+        return message.to_owned();
+    };
+    // The YAML parser appends the position, such as " at line 8 column 3", after the
+    // last quoted name.
+    let Some(list_end) = rest.rfind('`') else {
+        return message.to_owned();
+    };
+    let (list, position) = rest.split_at(list_end + 1);
+    let supported: Vec<&str> = list
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .filter(|name| !UNSUPPORTED_FIELDS.contains(name))
+        .collect();
+    let expected = match supported.as_slice() {
+        [] => "no fields".to_owned(),
+        [only] => format!("`{only}`"),
+        [first, second] => format!("`{first}` or `{second}`"),
+        names => format!("one of `{}`", names.join("`, `")),
+    };
+    format!("unknown field `{unknown}`, expected {expected}{position}")
 }
 
 /// An invalid field: its path and a message that quotes the bad value.

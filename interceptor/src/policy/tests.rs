@@ -1358,3 +1358,40 @@ fn load_error_cuts_long_value() {
     assert!(value.ends_with("..."), "long value is cut: {value}");
     assert!(value.len() < 100, "long value is cut: {value}");
 }
+
+#[test]
+fn unknown_field_lists_only_supported_fields() {
+    // Each case: policy text, names the message must list, names it must not.
+    let cases = [
+        (
+            policy("server", "p", "{rule: []}"),
+            vec!["`selector`", "`action`", "`rules`"],
+            vec!["targetRef", "targetRefs", "provider"],
+        ),
+        (
+            operation_rule("port", "[8080]"),
+            vec!["`ports`", "`notPorts`"],
+            vec!["hosts", "methods", "paths"],
+        ),
+        (
+            source_rule("principal", r#"["a"]"#),
+            vec!["`principals`", "`ipBlocks`", "`notRemoteIpBlocks`"],
+            vec!["requestPrincipals", "serviceAccounts"],
+        ),
+    ];
+
+    for (yaml, listed, absent) in cases {
+        let (_, _, message) = load_error(&yaml);
+        assert!(message.contains("unknown field"), "{message}");
+        assert!(
+            message.contains(" at line "),
+            "keeps the position: {message}"
+        );
+        for name in listed {
+            assert!(message.contains(name), "{message:?} lacks {name}");
+        }
+        for name in absent {
+            assert!(!message.contains(name), "{message:?} offers {name}");
+        }
+    }
+}
