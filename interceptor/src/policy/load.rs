@@ -743,7 +743,7 @@ impl<'de> Deserialize<'de> for UniqueMap {
 
 /// An `AuthorizationPolicy` object as written, before validation.
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(expecting = "a mapping", deny_unknown_fields, rename_all = "camelCase")]
 struct RawPolicy {
     api_version: String,
     kind: String,
@@ -757,7 +757,7 @@ struct RawPolicy {
 
 /// `ObjectMeta`, with the fields that `kubectl get -o yaml` prints accepted and ignored.
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(expecting = "a mapping", deny_unknown_fields, rename_all = "camelCase")]
 struct RawMetadata {
     name: Option<String>,
     namespace: Option<String>,
@@ -776,7 +776,7 @@ struct RawMetadata {
 }
 
 #[derive(Default, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(expecting = "a mapping", deny_unknown_fields, rename_all = "camelCase")]
 struct RawSpec {
     selector: Option<RawSelector>,
     target_ref: Option<yaml_serde::Value>,
@@ -788,14 +788,14 @@ struct RawSpec {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(expecting = "a mapping", deny_unknown_fields, rename_all = "camelCase")]
 struct RawSelector {
     #[serde(default)]
     match_labels: UniqueMap,
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(expecting = "a mapping", deny_unknown_fields)]
 struct RawRule {
     #[serde(default)]
     from: Vec<RawFrom>,
@@ -806,13 +806,13 @@ struct RawRule {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(expecting = "a mapping", deny_unknown_fields)]
 struct RawFrom {
     source: Option<RawSource>,
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(expecting = "a mapping", deny_unknown_fields, rename_all = "camelCase")]
 struct RawSource {
     principals: Option<Vec<PortOrString>>,
     not_principals: Option<Vec<PortOrString>>,
@@ -829,13 +829,13 @@ struct RawSource {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(expecting = "a mapping", deny_unknown_fields)]
 struct RawTo {
     operation: Option<RawOperation>,
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(expecting = "a mapping", deny_unknown_fields, rename_all = "camelCase")]
 struct RawOperation {
     ports: Option<Vec<PortOrString>>,
     not_ports: Option<Vec<PortOrString>>,
@@ -848,7 +848,7 @@ struct RawOperation {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(expecting = "a mapping", deny_unknown_fields, rename_all = "camelCase")]
 struct RawCondition {
     key: Option<String>,
     values: Option<Vec<PortOrString>>,

@@ -1395,3 +1395,30 @@ fn unknown_field_lists_only_supported_fields() {
         }
     }
 }
+
+#[test]
+fn type_errors_name_no_rust_types() {
+    let metadata_list = policy("server", "p", "{}").replace(
+        "metadata:\n  name: p\n  namespace: server\n",
+        "metadata: [p]\n",
+    );
+    let cases = [
+        (metadata_list, "metadata"),
+        (policy("server", "p", "[a]"), "spec"),
+        (policy("server", "p", "{selector: [a]}"), "spec.selector"),
+        (policy("server", "p", "{rules: [a]}"), "spec.rules[0]"),
+        (
+            policy("server", "p", "{rules: [{from: [a]}]}"),
+            "spec.rules[0].from[0]",
+        ),
+        ("just a string\n".to_owned(), "document root"),
+    ];
+
+    for (yaml, expected_field) in cases {
+        let (_, field, message) = load_error(&yaml);
+        assert_eq!(field, expected_field, "field of error {message:?}");
+        assert!(message.contains("expected a mapping"), "{message}");
+        assert!(!message.contains("Raw"), "names a Rust type: {message}");
+        assert!(!message.contains("struct"), "names a Rust type: {message}");
+    }
+}
