@@ -22,15 +22,25 @@ const DRY_RUN_ANNOTATION: &str = "istio.io/dry-run";
 const SPIFFE_SCHEME_PREFIX: &str = "spiffe://";
 
 /// Loads the policies of a file or of the `*.yaml` and `*.yml` files of a directory.
+///
+/// Every file is read, and the errors of all of them are returned together, so that one
+/// round of fixes can address every broken file.
 pub(super) fn load_path(path: &Path) -> Result<Vec<Policy>, Error> {
     let mut policies = Vec::new();
+    let mut errors = Vec::new();
     for file in policy_files(path)? {
-        let text = fs::read_to_string(&file).map_err(|source| Error::Read {
-            path: file.clone(),
-            source,
-        })?;
-        parse_file(&text, &file, &mut policies)?;
+        let text = match fs::read_to_string(&file) {
+            Ok(text) => text,
+            Err(source) => {
+                errors.push(Error::Read { path: file, source });
+                continue;
+            }
+        };
+        if let Err(error) = parse_file(&text, &file, &mut policies) {
+            errors.extend(error.into_list());
+        }
     }
+    Error::from_list(errors)?;
     Ok(policies)
 }
 
@@ -71,8 +81,10 @@ pub(super) fn policy_files(path: &Path) -> Result<Vec<PathBuf>, Error> {
 }
 
 /// Parses every document of `text` and appends its policy to `policies`. Empty documents
-/// are skipped.
+/// are skipped. Returns the errors of every invalid document, except that a document
+/// that does not deserialize ends the file.
 pub(super) fn parse_file(text: &str, path: &Path, policies: &mut Vec<Policy>) -> Result<(), Error> {
+    let mut errors = Vec::new();
     for (index, document) in yaml_serde::Deserializer::from_str(text).enumerate() {
         let document_number = index + 1;
         let invalid = |field: String, message: String| Error::Invalid {
@@ -82,22 +94,34 @@ pub(super) fn parse_file(text: &str, path: &Path, policies: &mut Vec<Policy>) ->
             message,
         };
 
-        let raw: Option<RawPolicy> = serde_path_to_error::deserialize(document).map_err(|e| {
-            let field = match e.path().to_string() {
-                root if root == "." => "document root".to_owned(),
-                path => path,
-            };
-            let message = e.into_inner().to_string();
-            // The YAML parser puts its own path, the same or a parent, before the message.
-            let message = match message.split_once(": ") {
-                Some((head, rest)) if field.starts_with(head) => rest.to_owned(),
-                _ => message,
-            };
-            invalid(field, drop_unsupported_from_expected(&message))
-        })?;
+        let raw: Option<RawPolicy> = match serde_path_to_error::deserialize(document) {
+            Ok(raw) => raw,
+            Err(e) => {
+                let field = match e.path().to_string() {
+                    root if root == "." => "document root".to_owned(),
+                    path => path,
+                };
+                let message = e.into_inner().to_string();
+                // The YAML parser puts its own path, the same or a parent, before the
+                // message.
+                let message = match message.split_once(": ") {
+                    Some((head, rest)) if field.starts_with(head) => rest.to_owned(),
+                    _ => message,
+                };
+                errors.push(invalid(field, drop_unsupported_from_expected(&message)));
+                // After a syntax error the parser keeps returning that error instead of
+                // the next document, so the rest of the file cannot be checked.
+                break;
+            }
+        };
         let Some(raw) = raw else { continue };
-        let policy = compile(raw, path, document_number)
-            .map_err(|(field, message)| invalid(field, message))?;
+        let policy = match compile(raw, path, document_number) {
+            Ok(policy) => policy,
+            Err((field, message)) => {
+                errors.push(invalid(field, message));
+                continue;
+            }
+        };
 
         if let Some(first) = policies.iter().find(|p| p.id == policy.id) {
             let message = format!(
@@ -106,11 +130,12 @@ pub(super) fn parse_file(text: &str, path: &Path, policies: &mut Vec<Policy>) ->
                 first.path.display(),
                 first.document
             );
-            return Err(invalid("metadata.name".to_owned(), message));
+            errors.push(invalid("metadata.name".to_owned(), message));
+            continue;
         }
         policies.push(policy);
     }
-    Ok(())
+    Error::from_list(errors)
 }
 
 /// Fields that the raw structs declare only to reject them with a reason, so that an

@@ -1422,3 +1422,132 @@ fn type_errors_name_no_rust_types() {
         assert!(!message.contains("struct"), "names a Rust type: {message}");
     }
 }
+
+/// Writes three broken files and one valid file into `dir`, and returns the expected
+/// (file name, document, field, value) of each error in load order.
+fn write_broken_directory(dir: &Path) -> Vec<(&'static str, usize, String, &'static str)> {
+    let operation = "spec.rules[0].to[0].operation";
+    write_policy(&dir.join("10-good.yaml"), &policy("server", "good", "{}"));
+    write_policy(
+        &dir.join("20-ports.yaml"),
+        &[
+            operation_rule("ports", r#"["65536"]"#),
+            policy("server", "fine", "{}"),
+            policy("server", "audit", "{action: AUDIT}"),
+        ]
+        .concat(),
+    );
+    write_policy(
+        &dir.join("30-methods.yaml"),
+        &operation_rule("methods", r#"["GET"]"#),
+    );
+    write_policy(&dir.join("40-syntax.yaml"), "apiVersion: [unclosed\n");
+    vec![
+        (
+            "20-ports.yaml",
+            1,
+            format!("{operation}.ports[0]"),
+            "\"65536\"",
+        ),
+        ("20-ports.yaml", 3, "spec.action".to_owned(), "\"AUDIT\""),
+        (
+            "30-methods.yaml",
+            1,
+            format!("{operation}.methods"),
+            r#"["GET"]"#,
+        ),
+        ("40-syntax.yaml", 1, "apiVersion".to_owned(), "line 1"),
+    ]
+}
+
+/// Checks that `error` contains exactly the `expected` errors, in order.
+fn assert_errors(
+    error: &Error,
+    dir: &Path,
+    expected: &[(&'static str, usize, String, &'static str)],
+) {
+    let errors = error.errors();
+    assert_eq!(errors.len(), expected.len(), "errors: {error}");
+    let text = error.to_string();
+    assert!(
+        text.starts_with(&format!("{} policy errors:", expected.len())),
+        "{text}"
+    );
+    for (error, (file, document, field, value)) in errors.iter().zip(expected) {
+        let Error::Invalid {
+            path,
+            document: actual_document,
+            field: actual_field,
+            message,
+        } = error
+        else {
+            panic!("expected an invalid policy error, got {error:?}");
+        };
+        assert_eq!(*path, dir.join(file), "file of {error}");
+        assert_eq!(actual_document, document, "document of {error}");
+        assert_eq!(actual_field, field, "field of {error}");
+        assert!(message.contains(value), "{error} lacks the value {value}");
+        assert!(
+            text.contains(&format!("\n  {error}")),
+            "{text} lacks the line {error}"
+        );
+    }
+}
+
+#[test]
+fn load_reports_every_broken_file() {
+    let dir = tempfile::tempdir().expect("create temporary directory");
+    let expected = write_broken_directory(dir.path());
+
+    let error = Policies::load(dir.path(), DEFAULT_ROOT_NAMESPACE)
+        .expect_err("broken files must be rejected");
+
+    assert_errors(&error, dir.path(), &expected);
+}
+
+#[test]
+fn load_reports_unreadable_file_with_others() {
+    let dir = tempfile::tempdir().expect("create temporary directory");
+    write_policy(
+        &dir.path().join("10-bad.yaml"),
+        &policy("server", "p", "{action: AUDIT}"),
+    );
+    // Root reads files whatever their mode, so invalid UTF-8 makes the read fail.
+    fs::write(dir.path().join("20-binary.yaml"), b"kind: \xff\n").expect("write binary file");
+
+    let error = Policies::load(dir.path(), DEFAULT_ROOT_NAMESPACE)
+        .expect_err("broken files must be rejected");
+
+    let errors = error.errors();
+    assert_eq!(errors.len(), 2, "errors: {error}");
+    assert!(
+        matches!(&errors[0], Error::Invalid { field, .. } if field == "spec.action"),
+        "{:?}",
+        errors[0]
+    );
+    assert!(
+        matches!(&errors[1], Error::Read { path, .. } if path.ends_with("20-binary.yaml")),
+        "{:?}",
+        errors[1]
+    );
+}
+
+#[test]
+fn watcher_reports_every_broken_file() {
+    let dir = tempfile::tempdir().expect("create temporary directory");
+    write_policy(
+        &dir.path().join("10-good.yaml"),
+        &policy("server", "good", "{}"),
+    );
+    let mut watcher =
+        PolicyWatcher::load(dir.path(), DEFAULT_ROOT_NAMESPACE).expect("load policies");
+    let store = watcher.store();
+
+    let expected = write_broken_directory(dir.path());
+
+    match watcher.poll() {
+        Reload::Failed(error) => assert_errors(&error, dir.path(), &expected),
+        other => panic!("expected a failed reload, got {other:?}"),
+    }
+    assert_eq!(store.current().len(), 1, "previous policies kept");
+}
