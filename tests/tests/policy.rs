@@ -622,6 +622,24 @@ fn policy_table() {
     });
     assert_eq!(closed_count(mesh, 2, "inbound", "error"), 0);
     assert_eq!(closed_count(mesh, 1, "outbound", "error"), 0);
+
+    // The connect hook sent each app to the outbound listener on 127.0.0.1, so the
+    // outbound close event's src is the app socket's loopback address.
+    let log = mesh.log(1);
+    let outbound_closes: Vec<&str> = log
+        .lines()
+        .filter(|line| line.contains("connection closed") && line.contains("outbound"))
+        .collect();
+    assert!(
+        !outbound_closes.is_empty(),
+        "node 1 logged no outbound close:\n{log}"
+    );
+    for line in outbound_closes {
+        assert!(
+            line.contains("src=127.0.0.1:"),
+            "outbound close event: {line}"
+        );
+    }
 }
 
 /// Runs one row's client and checks what it, the server and node 2's daemon saw.
