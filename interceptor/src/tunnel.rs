@@ -397,10 +397,9 @@ pub(crate) fn log_close(
     }
 }
 
-/// Returns the `result` metric label of a closed connection: "denied" when the
-/// policies denied it, on this node (at accept or when a reload cut it) or on the
-/// destination's node (the `denied` tunnel status), "error" for every other failure,
-/// and "ok".
+/// Returns the `result` metric label of a closed connection: "ok", "denied" or
+/// "error". A denial is one by this node's policies, at accept or by a reload cut, or
+/// one by the destination's node, which answers with the `denied` tunnel status.
 fn close_result(result: &Result<(), Error>) -> &'static str {
     match result {
         Ok(()) => "ok",

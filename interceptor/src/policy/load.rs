@@ -454,7 +454,7 @@ fn compile_condition(condition: RawCondition, field: &str) -> Result<Vec<Conditi
 }
 
 /// Rejects the first of `fields` that is set, naming it under `parent` and quoting its
-/// value. `advice` says why the field is unsupported and what to do instead.
+/// value. `advice` explains why the field is unsupported and what to do instead.
 fn reject_unsupported(
     fields: &[(&str, &Option<yaml_serde::Value>)],
     parent: &str,
