@@ -244,7 +244,10 @@ fn compile(raw: RawPolicy, path: &Path, document: usize) -> Result<Policy, Field
         None | Some("ALLOW") => Action::Allow,
         Some("DENY") => Action::Deny,
         Some(other @ ("AUDIT" | "CUSTOM")) => {
-            let message = format!("action {other:?} is not supported, only ALLOW and DENY are");
+            let message = format!(
+                "{other:?} is not supported: this interceptor enforces only ALLOW and DENY \
+                 policies, so change the action or remove the policy"
+            );
             return Err(("spec.action".to_owned(), message));
         }
         Some(other) => {

@@ -1331,6 +1331,11 @@ fn load_error_quotes_unsupported_value() {
             r#"{"kind": "Service", "name": "web"} is not supported: policies attach"#,
         ),
         (
+            policy("server", "p", "{action: CUSTOM}"),
+            "spec.action".to_owned(),
+            r#""CUSTOM" is not supported: this interceptor enforces only ALLOW and DENY"#,
+        ),
+        (
             policy("server", "p", "{provider: {name: ext-authz}}"),
             "spec.provider".to_owned(),
             r#"{"name": "ext-authz"} is not supported: the provider belongs to the CUSTOM"#,
