@@ -32,7 +32,8 @@ pub struct ConnectionLabels {
     pub cipher: &'static str,
     /// "copy", "splice" or a mix per direction.
     pub relay: &'static str,
-    /// "ok" or "error".
+    /// "ok", "denied" when an authorization policy denied the connection (at accept or
+    /// when a reload cut it), or "error" for any other failure.
     pub result: &'static str,
 }
 

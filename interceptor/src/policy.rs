@@ -54,6 +54,55 @@ pub enum Error {
         field: String,
         message: String,
     },
+    /// Errors of several files or documents, in load order, each shown on its own line.
+    /// Never nested and never fewer than two.
+    #[error("{} policy errors:{}", errors.len(), ErrorLines(errors))]
+    Several { errors: Vec<Error> },
+}
+
+impl Error {
+    /// Turns collected errors into a result: `Ok` for none, the error itself for one,
+    /// [`Error::Several`] for more.
+    fn from_list(mut errors: Vec<Error>) -> Result<(), Error> {
+        match errors.len() {
+            0 => Ok(()),
+            1 => Err(errors.remove(0)),
+            _ => Err(Error::Several { errors }),
+        }
+    }
+
+    /// Returns the single errors this error contains: those of [`Error::Several`], or
+    /// itself.
+    pub fn errors(&self) -> &[Error] {
+        match self {
+            Self::Several { errors } => errors,
+            single => std::slice::from_ref(single),
+        }
+    }
+
+    fn into_list(self) -> Vec<Error> {
+        match self {
+            Self::Several { errors } => errors,
+            single => vec![single],
+        }
+    }
+}
+
+/// Formats errors with their sources, one per line.
+struct ErrorLines<'a>(&'a [Error]);
+
+impl fmt::Display for ErrorLines<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for error in self.0 {
+            write!(f, "\n  {error}")?;
+            let mut source = std::error::Error::source(error);
+            while let Some(cause) = source {
+                write!(f, ": {cause}")?;
+                source = cause.source();
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The workload a connection is for, and the port it asked for.

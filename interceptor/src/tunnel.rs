@@ -346,7 +346,7 @@ pub(crate) fn log_close(
         tls: summary.tls,
         cipher: summary.cipher.unwrap_or_default(),
         relay: summary.relay,
-        result: if result.is_ok() { "ok" } else { "error" },
+        result: close_result(result),
     };
     shared.metrics.record_close(
         labels,
@@ -394,6 +394,20 @@ pub(crate) fn log_close(
             error = %ErrorChain(error),
             "connection closed"
         ),
+    }
+}
+
+/// Returns the `result` metric label of a closed connection: "ok", "denied" or
+/// "error". A denial is one by this node's policies, at accept or by a reload cut, or
+/// one by the destination's node, which answers with the `denied` tunnel status.
+fn close_result(result: &Result<(), Error>) -> &'static str {
+    match result {
+        Ok(()) => "ok",
+        Err(Error::Denied { .. })
+        | Err(Error::Relay(relay::Error::Rejected {
+            status: Status::Denied,
+        })) => "denied",
+        Err(_) => "error",
     }
 }
 
@@ -969,5 +983,48 @@ mod tests {
         let error = denial(verdict(Reason::NoAllowPolicyMatched, None));
 
         assert_eq!(error.to_string(), "no ALLOW policy matched");
+    }
+
+    #[test]
+    fn close_result_separates_denials() {
+        let rejected = |status| Err(Error::Relay(relay::Error::Rejected { status }));
+        let cases = [
+            ("allowed", Ok(()), "ok"),
+            (
+                "denied here",
+                Err(denial(verdict(Reason::NoAllowPolicyMatched, None))),
+                "denied",
+            ),
+            (
+                "cut by a reload",
+                Err(cut_error(
+                    verdict(Reason::DenyPolicyMatched, Some("shop/deny")),
+                    &mut Summary::default(),
+                )),
+                "denied",
+            ),
+            (
+                "denied by the destination",
+                rejected(Status::Denied),
+                "denied",
+            ),
+            (
+                "refused by the destination",
+                rejected(Status::Refused),
+                "error",
+            ),
+            (
+                "timed out",
+                Err(Error::ConnectTimeout {
+                    addr: SocketAddr::from(([10, 0, 0, 1], 8080)),
+                }),
+                "error",
+            ),
+            ("no original destination", Err(Error::NoOrigDst), "error"),
+        ];
+
+        for (case, result, expected) in cases {
+            assert_eq!(close_result(&result), expected, "{case}");
+        }
     }
 }

@@ -106,6 +106,21 @@ fn replace_policies(setup: &TestMesh, text: &str, marker: &str) {
     );
 }
 
+/// Returns the `interceptor_connections_closed_total` count of node `node` for
+/// `direction` and `result`, summed over the other labels.
+fn closed_count(mesh: &Mesh, node: usize, direction: &str, result: &str) -> u64 {
+    let metrics = mesh
+        .admin_get(node, "/metrics")
+        .unwrap_or_else(|error| panic!("fetching node {node}'s metrics failed: {error}"));
+    let series = format!("interceptor_connections_closed_total{{direction=\"{direction}\",");
+    let result = format!("result=\"{result}\"}}");
+    metrics
+        .lines()
+        .filter(|line| line.starts_with(&series) && line.contains(&result))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
 /// Returns node 2's first `connection closed` line after byte `offset` of its log for
 /// a connection from `source_ip` to `dst`, waiting up to 10 s (scaled) for it.
 fn close_event(mesh: &Mesh, offset: usize, source_ip: &str, dst: &str) -> Option<String> {
@@ -573,6 +588,9 @@ fn policy_table() {
 
     let p2_ip = island.pod(1, 2).ip.to_string();
     let plain_ip = island.pod(1, 3).ip.to_string();
+    // Denied rows, counted on node 2's inbound side and, for the mesh clients n1-p1 and
+    // n1-p2, on node 1's outbound side.
+    let (mut denied_inbound, mut denied_outbound) = (0, 0);
     for (index, group) in table_groups(&p2_ip, &plain_ip).into_iter().enumerate() {
         // The daemons started with the first group's (empty) file.
         if index > 0 {
@@ -586,7 +604,41 @@ fn policy_table() {
                 .expect("a server for every row")
                 .1;
             check_row(&setup, &name, row, server);
+            if matches!(row.expect, Expect::Denied { .. }) {
+                denied_inbound += 1;
+                if matches!(row.from, Client::Pod(1, 1 | 2)) {
+                    denied_outbound += 1;
+                }
+            }
         }
+    }
+
+    // A denial is its own metric result, never "error". Node 1 may record the last
+    // close just after its client saw the reset.
+    let mesh = &setup.mesh;
+    assert_eq!(closed_count(mesh, 2, "inbound", "denied"), denied_inbound);
+    wait_until("node 1 counts every denied outbound connection", || {
+        closed_count(mesh, 1, "outbound", "denied") == denied_outbound
+    });
+    assert_eq!(closed_count(mesh, 2, "inbound", "error"), 0);
+    assert_eq!(closed_count(mesh, 1, "outbound", "error"), 0);
+
+    // The connect hook sent each app to the outbound listener on 127.0.0.1, so the
+    // outbound close event's src is the app socket's loopback address.
+    let log = mesh.log(1);
+    let outbound_closes: Vec<&str> = log
+        .lines()
+        .filter(|line| line.contains("connection closed") && line.contains("outbound"))
+        .collect();
+    assert!(
+        !outbound_closes.is_empty(),
+        "node 1 logged no outbound close:\n{log}"
+    );
+    for line in outbound_closes {
+        assert!(
+            line.contains("src=127.0.0.1:"),
+            "outbound close event: {line}"
+        );
     }
 }
 
@@ -816,6 +868,7 @@ fn policy_reload_under_traffic() {
     assert_eq!(echo(p2, &dst).0, ECHO_OK, "n1-p2 after the broken file");
 
     // A DENY for n1-p2 cuts its open connection and resets its new ones.
+    let denied_before_cut = closed_count(&setup.mesh, 2, "inbound", "denied");
     replace_policies(
         &setup,
         &policy_file(&[allow_web, deny_plain_8081, deny_p2]),
@@ -839,6 +892,13 @@ fn policy_reload_under_traffic() {
             && l.contains(&format!("src={p2_ip}:"))
             && l.contains("error=denied by policy default/deny-p2")),
         "no close event for n1-p2's cut connection:\n{log}"
+    );
+    // The close event is logged after the metric is counted, and n1-p2 opened no other
+    // connection since the reload.
+    assert_eq!(
+        closed_count(&setup.mesh, 2, "inbound", "denied"),
+        denied_before_cut + 1,
+        "the cut connection is counted as denied"
     );
     let assert_p2_reset = |when: &str| {
         let accepted_before = accepted_count(&server, &p2_ip);

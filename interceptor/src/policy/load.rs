@@ -22,15 +22,25 @@ const DRY_RUN_ANNOTATION: &str = "istio.io/dry-run";
 const SPIFFE_SCHEME_PREFIX: &str = "spiffe://";
 
 /// Loads the policies of a file or of the `*.yaml` and `*.yml` files of a directory.
+///
+/// Every file is read, and the errors of all of them are returned together, so that one
+/// round of fixes can address every broken file.
 pub(super) fn load_path(path: &Path) -> Result<Vec<Policy>, Error> {
     let mut policies = Vec::new();
+    let mut errors = Vec::new();
     for file in policy_files(path)? {
-        let text = fs::read_to_string(&file).map_err(|source| Error::Read {
-            path: file.clone(),
-            source,
-        })?;
-        parse_file(&text, &file, &mut policies)?;
+        let text = match fs::read_to_string(&file) {
+            Ok(text) => text,
+            Err(source) => {
+                errors.push(Error::Read { path: file, source });
+                continue;
+            }
+        };
+        if let Err(error) = parse_file(&text, &file, &mut policies) {
+            errors.extend(error.into_list());
+        }
     }
+    Error::from_list(errors)?;
     Ok(policies)
 }
 
@@ -71,8 +81,10 @@ pub(super) fn policy_files(path: &Path) -> Result<Vec<PathBuf>, Error> {
 }
 
 /// Parses every document of `text` and appends its policy to `policies`. Empty documents
-/// are skipped.
+/// are skipped. Returns the errors of every invalid document, except that a document
+/// that does not deserialize ends the file.
 pub(super) fn parse_file(text: &str, path: &Path, policies: &mut Vec<Policy>) -> Result<(), Error> {
+    let mut errors = Vec::new();
     for (index, document) in yaml_serde::Deserializer::from_str(text).enumerate() {
         let document_number = index + 1;
         let invalid = |field: String, message: String| Error::Invalid {
@@ -82,22 +94,34 @@ pub(super) fn parse_file(text: &str, path: &Path, policies: &mut Vec<Policy>) ->
             message,
         };
 
-        let raw: Option<RawPolicy> = serde_path_to_error::deserialize(document).map_err(|e| {
-            let field = match e.path().to_string() {
-                root if root == "." => "document root".to_owned(),
-                path => path,
-            };
-            let message = e.into_inner().to_string();
-            // The YAML parser puts its own path, the same or a parent, before the message.
-            let message = match message.split_once(": ") {
-                Some((head, rest)) if field.starts_with(head) => rest.to_owned(),
-                _ => message,
-            };
-            invalid(field, message)
-        })?;
+        let raw: Option<RawPolicy> = match serde_path_to_error::deserialize(document) {
+            Ok(raw) => raw,
+            Err(e) => {
+                let field = match e.path().to_string() {
+                    root if root == "." => "document root".to_owned(),
+                    path => path,
+                };
+                let message = e.into_inner().to_string();
+                // The YAML parser puts its own path, the same or a parent, before the
+                // message.
+                let message = match message.split_once(": ") {
+                    Some((head, rest)) if field.starts_with(head) => rest.to_owned(),
+                    _ => message,
+                };
+                errors.push(invalid(field, drop_unsupported_from_expected(&message)));
+                // After a syntax error the parser keeps returning that error instead of
+                // the next document, so the rest of the file cannot be checked.
+                break;
+            }
+        };
         let Some(raw) = raw else { continue };
-        let policy = compile(raw, path, document_number)
-            .map_err(|(field, message)| invalid(field, message))?;
+        let policy = match compile(raw, path, document_number) {
+            Ok(policy) => policy,
+            Err((field, message)) => {
+                errors.push(invalid(field, message));
+                continue;
+            }
+        };
 
         if let Some(first) = policies.iter().find(|p| p.id == policy.id) {
             let message = format!(
@@ -106,11 +130,60 @@ pub(super) fn parse_file(text: &str, path: &Path, policies: &mut Vec<Policy>) ->
                 first.path.display(),
                 first.document
             );
-            return Err(invalid("metadata.name".to_owned(), message));
+            errors.push(invalid("metadata.name".to_owned(), message));
+            continue;
         }
         policies.push(policy);
     }
-    Ok(())
+    Error::from_list(errors)
+}
+
+/// Fields that the raw structs declare only to reject them with a reason, so that an
+/// unknown-field message must not offer them.
+const UNSUPPORTED_FIELDS: [&str; 13] = [
+    "targetRef",
+    "targetRefs",
+    "provider",
+    "requestPrincipals",
+    "notRequestPrincipals",
+    "serviceAccounts",
+    "notServiceAccounts",
+    "hosts",
+    "notHosts",
+    "methods",
+    "notMethods",
+    "paths",
+    "notPaths",
+];
+
+/// Rewrites serde's "unknown field `x`, expected one of `a`, `b`" so that the list holds
+/// only supported fields. Other messages are returned as they are.
+fn drop_unsupported_from_expected(message: &str) -> String {
+    let Some(rest) = message.strip_prefix("unknown field `") else {
+        return message.to_owned();
+    };
+    let Some((unknown, rest)) = rest.split_once("`, expected ") else {
+        return message.to_owned();
+    };
+    // The YAML parser appends the position, such as " at line 8 column 3", after the
+    // last quoted name.
+    let Some(list_end) = rest.rfind('`') else {
+        return message.to_owned();
+    };
+    let (list, position) = rest.split_at(list_end + 1);
+    let supported: Vec<&str> = list
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .filter(|name| !UNSUPPORTED_FIELDS.contains(name))
+        .collect();
+    let expected = match supported.as_slice() {
+        [] => "no fields".to_owned(),
+        [only] => format!("`{only}`"),
+        [first, second] => format!("`{first}` or `{second}`"),
+        names => format!("one of `{}`", names.join("`, `")),
+    };
+    format!("unknown field `{unknown}`, expected {expected}{position}")
 }
 
 /// An invalid field: its path and a message that quotes the bad value.
@@ -151,26 +224,30 @@ fn compile(raw: RawPolicy, path: &Path, document: usize) -> Result<Policy, Field
     };
 
     let spec = raw.spec;
-    reject_present(
-        &spec.target_ref,
-        "spec.targetRef",
-        "is not supported, use spec.selector",
+    let use_selector = "policies attach to workloads only through spec.selector, \
+                        so replace the field with a selector on the workload's labels";
+    reject_unsupported(
+        &[
+            ("targetRef", &spec.target_ref),
+            ("targetRefs", &spec.target_refs),
+        ],
+        "spec",
+        use_selector,
     )?;
-    reject_present(
-        &spec.target_refs,
-        "spec.targetRefs",
-        "is not supported, use spec.selector",
-    )?;
-    reject_present(
-        &spec.provider,
-        "spec.provider",
-        "is not supported, it belongs to the CUSTOM action",
+    reject_unsupported(
+        &[("provider", &spec.provider)],
+        "spec",
+        "the provider belongs to the CUSTOM action, which this interceptor does not \
+         implement, so remove the field",
     )?;
     let action = match spec.action.as_deref() {
         None | Some("ALLOW") => Action::Allow,
         Some("DENY") => Action::Deny,
         Some(other @ ("AUDIT" | "CUSTOM")) => {
-            let message = format!("action {other:?} is not supported, only ALLOW and DENY are");
+            let message = format!(
+                "{other:?} is not supported: this interceptor enforces only ALLOW and DENY \
+                 policies, so change the action or remove the policy"
+            );
             return Err(("spec.action".to_owned(), message));
         }
         Some(other) => {
@@ -216,13 +293,6 @@ fn required_name(value: Option<String>, field: &str) -> Result<String, FieldErro
     }
 }
 
-fn reject_present<T>(value: &Option<T>, field: &str, reason: &str) -> Result<(), FieldError> {
-    match value {
-        Some(_) => Err((field.to_owned(), reason.to_owned())),
-        None => Ok(()),
-    }
-}
-
 fn compile_selector(
     labels: BTreeMap<String, String>,
 ) -> Result<BTreeMap<String, String>, FieldError> {
@@ -263,26 +333,25 @@ fn compile_rule(rule: RawRule, field: &str) -> Result<Rule, FieldError> {
 }
 
 fn compile_source(source: RawSource, field: &str) -> Result<Vec<Condition>, FieldError> {
-    let l7 = [
-        ("requestPrincipals", source.request_principals.is_some()),
-        (
-            "notRequestPrincipals",
-            source.not_request_principals.is_some(),
-        ),
-    ];
-    reject_l7(
-        &l7,
+    reject_unsupported(
+        &[
+            ("requestPrincipals", &source.request_principals),
+            ("notRequestPrincipals", &source.not_request_principals),
+        ],
         field,
-        "it needs a JWT, which an L4 interceptor never sees",
+        "request principals come from a JWT inside HTTP requests, which an L4 \
+         interceptor never sees, so remove the field or move the rule to a waypoint \
+         or another L7 proxy",
     )?;
-    let unsupported = [
-        ("serviceAccounts", source.service_accounts.is_some()),
-        ("notServiceAccounts", source.not_service_accounts.is_some()),
-    ];
-    if let Some((name, _)) = unsupported.iter().find(|(_, present)| *present) {
-        let message = "is not supported, use principals".to_owned();
-        return Err((format!("{field}.{name}"), message));
-    }
+    reject_unsupported(
+        &[
+            ("serviceAccounts", &source.service_accounts),
+            ("notServiceAccounts", &source.not_service_accounts),
+        ],
+        field,
+        "match the service account through principals instead, as \
+         \"<trust domain>/ns/<namespace>/sa/<service account>\"",
+    )?;
 
     let fields = [
         ("principals", source.principals, false),
@@ -316,18 +385,18 @@ fn compile_source(source: RawSource, field: &str) -> Result<Vec<Condition>, Fiel
 }
 
 fn compile_operation(operation: RawOperation, field: &str) -> Result<Vec<Condition>, FieldError> {
-    let l7 = [
-        ("hosts", operation.hosts.is_some()),
-        ("notHosts", operation.not_hosts.is_some()),
-        ("methods", operation.methods.is_some()),
-        ("notMethods", operation.not_methods.is_some()),
-        ("paths", operation.paths.is_some()),
-        ("notPaths", operation.not_paths.is_some()),
-    ];
-    reject_l7(
-        &l7,
+    reject_unsupported(
+        &[
+            ("hosts", &operation.hosts),
+            ("notHosts", &operation.not_hosts),
+            ("methods", &operation.methods),
+            ("notMethods", &operation.not_methods),
+            ("paths", &operation.paths),
+            ("notPaths", &operation.not_paths),
+        ],
         field,
-        "it is an HTTP attribute, which an L4 interceptor never sees",
+        "HTTP attributes are invisible to an L4 interceptor, so remove the field or \
+         move the rule to a waypoint or another L7 proxy",
     )?;
 
     let mut conditions = Vec::new();
@@ -387,14 +456,70 @@ fn compile_condition(condition: RawCondition, field: &str) -> Result<Vec<Conditi
     Ok(conditions)
 }
 
-fn reject_l7(fields: &[(&str, bool)], field: &str, reason: &str) -> Result<(), FieldError> {
-    match fields.iter().find(|(_, present)| *present) {
-        Some((name, _)) => Err((
-            format!("{field}.{name}"),
-            format!("is not supported: {reason}"),
-        )),
-        None => Ok(()),
+/// Rejects the first of `fields` that is set, naming it under `parent` and quoting its
+/// value. `advice` explains why the field is unsupported and what to do instead.
+fn reject_unsupported(
+    fields: &[(&str, &Option<yaml_serde::Value>)],
+    parent: &str,
+    advice: &str,
+) -> Result<(), FieldError> {
+    let Some((name, Some(value))) = fields.iter().find(|(_, value)| value.is_some()) else {
+        return Ok(());
+    };
+    let message = format!("{} is not supported: {advice}", flow_yaml(value));
+    Err((format!("{parent}.{name}"), message))
+}
+
+/// Values longer than this are cut in error messages, so that a pasted document does
+/// not flood the log.
+const MAX_QUOTED_VALUE_CHARS: usize = 80;
+
+/// Formats `value` on one line in YAML flow style, such as `["GET", "POST"]`, cut to
+/// [`MAX_QUOTED_VALUE_CHARS`].
+fn flow_yaml(value: &yaml_serde::Value) -> String {
+    fn write(value: &yaml_serde::Value, out: &mut String) {
+        use yaml_serde::Value;
+        match value {
+            Value::Null => out.push_str("null"),
+            Value::Bool(b) => out.push_str(&b.to_string()),
+            Value::Number(n) => out.push_str(&n.to_string()),
+            Value::String(s) => out.push_str(&format!("{s:?}")),
+            Value::Sequence(items) => {
+                out.push('[');
+                for (index, item) in items.iter().enumerate() {
+                    if index > 0 {
+                        out.push_str(", ");
+                    }
+                    write(item, out);
+                }
+                out.push(']');
+            }
+            Value::Mapping(entries) => {
+                out.push('{');
+                for (index, (key, item)) in entries.iter().enumerate() {
+                    if index > 0 {
+                        out.push_str(", ");
+                    }
+                    write(key, out);
+                    out.push_str(": ");
+                    write(item, out);
+                }
+                out.push('}');
+            }
+            Value::Tagged(tagged) => {
+                out.push_str(&format!("{} ", tagged.tag));
+                write(&tagged.value, out);
+            }
+        }
     }
+
+    let mut out = String::new();
+    write(value, &mut out);
+    if out.chars().count() > MAX_QUOTED_VALUE_CHARS {
+        out = out.chars().take(MAX_QUOTED_VALUE_CHARS).collect();
+        out.push_str("...");
+    }
+    out
 }
 
 /// Rejects an empty list, because Istio treats it as "not set", the opposite of what a
@@ -646,7 +771,7 @@ impl<'de> Deserialize<'de> for UniqueMap {
 
 /// An `AuthorizationPolicy` object as written, before validation.
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(expecting = "a mapping", deny_unknown_fields, rename_all = "camelCase")]
 struct RawPolicy {
     api_version: String,
     kind: String,
@@ -660,7 +785,7 @@ struct RawPolicy {
 
 /// `ObjectMeta`, with the fields that `kubectl get -o yaml` prints accepted and ignored.
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(expecting = "a mapping", deny_unknown_fields, rename_all = "camelCase")]
 struct RawMetadata {
     name: Option<String>,
     namespace: Option<String>,
@@ -679,7 +804,7 @@ struct RawMetadata {
 }
 
 #[derive(Default, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(expecting = "a mapping", deny_unknown_fields, rename_all = "camelCase")]
 struct RawSpec {
     selector: Option<RawSelector>,
     target_ref: Option<yaml_serde::Value>,
@@ -691,14 +816,14 @@ struct RawSpec {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(expecting = "a mapping", deny_unknown_fields, rename_all = "camelCase")]
 struct RawSelector {
     #[serde(default)]
     match_labels: UniqueMap,
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(expecting = "a mapping", deny_unknown_fields)]
 struct RawRule {
     #[serde(default)]
     from: Vec<RawFrom>,
@@ -709,13 +834,13 @@ struct RawRule {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(expecting = "a mapping", deny_unknown_fields)]
 struct RawFrom {
     source: Option<RawSource>,
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(expecting = "a mapping", deny_unknown_fields, rename_all = "camelCase")]
 struct RawSource {
     principals: Option<Vec<PortOrString>>,
     not_principals: Option<Vec<PortOrString>>,
@@ -732,13 +857,13 @@ struct RawSource {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(expecting = "a mapping", deny_unknown_fields)]
 struct RawTo {
     operation: Option<RawOperation>,
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(expecting = "a mapping", deny_unknown_fields, rename_all = "camelCase")]
 struct RawOperation {
     ports: Option<Vec<PortOrString>>,
     not_ports: Option<Vec<PortOrString>>,
@@ -751,7 +876,7 @@ struct RawOperation {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(expecting = "a mapping", deny_unknown_fields, rename_all = "camelCase")]
 struct RawCondition {
     key: Option<String>,
     values: Option<Vec<PortOrString>>,

@@ -119,11 +119,17 @@ impl PolicyWatcher {
                 Reload::Reloaded { count }
             }
             Err(error) => {
-                warn!(
-                    path = %self.path.display(),
-                    error = &error as &dyn std::error::Error,
-                    "reloading authorization policies failed, keeping the previous ones"
-                );
+                // One event per broken file or document, so that each stays a
+                // single-line `error` field.
+                let errors = error.errors();
+                for single in errors {
+                    warn!(
+                        path = %self.path.display(),
+                        errors = errors.len(),
+                        error = single as &dyn std::error::Error,
+                        "reloading authorization policies failed, keeping the previous ones"
+                    );
+                }
                 Reload::Failed(error)
             }
         }

@@ -1298,3 +1298,261 @@ async fn watcher_task_notifies_subscribers() {
     assert_eq!(store.current().len(), 2);
     task.abort();
 }
+
+#[test]
+fn load_error_quotes_unsupported_value() {
+    let operation = "spec.rules[0].to[0].operation";
+    let source = "spec.rules[0].from[0].source";
+    // Each case: policy text, expected field path, and expected start of the message.
+    let cases = [
+        (
+            operation_rule("methods", r#"["GET"]"#),
+            format!("{operation}.methods"),
+            r#"["GET"] is not supported: HTTP attributes are invisible to an L4 interceptor"#,
+        ),
+        (
+            operation_rule("notPaths", r#"["/admin", "/debug"]"#),
+            format!("{operation}.notPaths"),
+            r#"["/admin", "/debug"] is not supported: HTTP attributes"#,
+        ),
+        (
+            source_rule("requestPrincipals", r#"["*"]"#),
+            format!("{source}.requestPrincipals"),
+            r#"["*"] is not supported: request principals come from a JWT"#,
+        ),
+        (
+            source_rule("serviceAccounts", r#"["ns/sa"]"#),
+            format!("{source}.serviceAccounts"),
+            r#"["ns/sa"] is not supported: match the service account through principals"#,
+        ),
+        (
+            policy("server", "p", "{targetRef: {kind: Service, name: web}}"),
+            "spec.targetRef".to_owned(),
+            r#"{"kind": "Service", "name": "web"} is not supported: policies attach"#,
+        ),
+        (
+            policy("server", "p", "{action: CUSTOM}"),
+            "spec.action".to_owned(),
+            r#""CUSTOM" is not supported: this interceptor enforces only ALLOW and DENY"#,
+        ),
+        (
+            policy("server", "p", "{provider: {name: ext-authz}}"),
+            "spec.provider".to_owned(),
+            r#"{"name": "ext-authz"} is not supported: the provider belongs to the CUSTOM"#,
+        ),
+    ];
+
+    for (yaml, expected_field, expected_start) in cases {
+        let (_, field, message) = load_error(&yaml);
+        assert_eq!(field, expected_field, "field of error {message:?}");
+        assert!(
+            message.starts_with(expected_start),
+            "message {message:?} does not start with {expected_start:?}"
+        );
+    }
+}
+
+#[test]
+fn load_error_cuts_long_value() {
+    let paths: Vec<String> = (0..50).map(|i| format!("\"/path/{i}\"")).collect();
+    let yaml = operation_rule("paths", &format!("[{}]", paths.join(", ")));
+    let (_, _, message) = load_error(&yaml);
+    let (value, _) = message
+        .split_once(" is not supported")
+        .expect("message quotes the value");
+    assert!(value.ends_with("..."), "long value is cut: {value}");
+    assert!(value.len() < 100, "long value is cut: {value}");
+}
+
+#[test]
+fn unknown_field_lists_only_supported_fields() {
+    // Each case: policy text, names the message must list, names it must not.
+    let cases = [
+        (
+            policy("server", "p", "{rule: []}"),
+            vec!["`selector`", "`action`", "`rules`"],
+            vec!["targetRef", "targetRefs", "provider"],
+        ),
+        (
+            operation_rule("port", "[8080]"),
+            vec!["`ports`", "`notPorts`"],
+            vec!["hosts", "methods", "paths"],
+        ),
+        (
+            source_rule("principal", r#"["a"]"#),
+            vec!["`principals`", "`ipBlocks`", "`notRemoteIpBlocks`"],
+            vec!["requestPrincipals", "serviceAccounts"],
+        ),
+    ];
+
+    for (yaml, listed, absent) in cases {
+        let (_, _, message) = load_error(&yaml);
+        assert!(message.contains("unknown field"), "{message}");
+        assert!(
+            message.contains(" at line "),
+            "keeps the position: {message}"
+        );
+        for name in listed {
+            assert!(message.contains(name), "{message:?} lacks {name}");
+        }
+        for name in absent {
+            assert!(!message.contains(name), "{message:?} offers {name}");
+        }
+    }
+}
+
+#[test]
+fn type_errors_name_no_rust_types() {
+    let metadata_list = policy("server", "p", "{}").replace(
+        "metadata:\n  name: p\n  namespace: server\n",
+        "metadata: [p]\n",
+    );
+    let cases = [
+        (metadata_list, "metadata"),
+        (policy("server", "p", "[a]"), "spec"),
+        (policy("server", "p", "{selector: [a]}"), "spec.selector"),
+        (policy("server", "p", "{rules: [a]}"), "spec.rules[0]"),
+        (
+            policy("server", "p", "{rules: [{from: [a]}]}"),
+            "spec.rules[0].from[0]",
+        ),
+        ("just a string\n".to_owned(), "document root"),
+    ];
+
+    for (yaml, expected_field) in cases {
+        let (_, field, message) = load_error(&yaml);
+        assert_eq!(field, expected_field, "field of error {message:?}");
+        assert!(message.contains("expected a mapping"), "{message}");
+        assert!(!message.contains("Raw"), "names a Rust type: {message}");
+        assert!(!message.contains("struct"), "names a Rust type: {message}");
+    }
+}
+
+/// Writes three broken files and one valid file into `dir`, and returns the expected
+/// (file name, document, field, value) of each error in load order.
+fn write_broken_directory(dir: &Path) -> Vec<(&'static str, usize, String, &'static str)> {
+    let operation = "spec.rules[0].to[0].operation";
+    write_policy(&dir.join("10-good.yaml"), &policy("server", "good", "{}"));
+    write_policy(
+        &dir.join("20-ports.yaml"),
+        &[
+            operation_rule("ports", r#"["65536"]"#),
+            policy("server", "fine", "{}"),
+            policy("server", "audit", "{action: AUDIT}"),
+        ]
+        .concat(),
+    );
+    write_policy(
+        &dir.join("30-methods.yaml"),
+        &operation_rule("methods", r#"["GET"]"#),
+    );
+    write_policy(&dir.join("40-syntax.yaml"), "apiVersion: [unclosed\n");
+    vec![
+        (
+            "20-ports.yaml",
+            1,
+            format!("{operation}.ports[0]"),
+            "\"65536\"",
+        ),
+        ("20-ports.yaml", 3, "spec.action".to_owned(), "\"AUDIT\""),
+        (
+            "30-methods.yaml",
+            1,
+            format!("{operation}.methods"),
+            r#"["GET"]"#,
+        ),
+        ("40-syntax.yaml", 1, "apiVersion".to_owned(), "line 1"),
+    ]
+}
+
+/// Checks that `error` contains exactly the `expected` errors, in order.
+fn assert_errors(
+    error: &Error,
+    dir: &Path,
+    expected: &[(&'static str, usize, String, &'static str)],
+) {
+    let errors = error.errors();
+    assert_eq!(errors.len(), expected.len(), "errors: {error}");
+    let text = error.to_string();
+    assert!(
+        text.starts_with(&format!("{} policy errors:", expected.len())),
+        "{text}"
+    );
+    for (error, (file, document, field, value)) in errors.iter().zip(expected) {
+        let Error::Invalid {
+            path,
+            document: actual_document,
+            field: actual_field,
+            message,
+        } = error
+        else {
+            panic!("expected an invalid policy error, got {error:?}");
+        };
+        assert_eq!(*path, dir.join(file), "file of {error}");
+        assert_eq!(actual_document, document, "document of {error}");
+        assert_eq!(actual_field, field, "field of {error}");
+        assert!(message.contains(value), "{error} lacks the value {value}");
+        assert!(
+            text.contains(&format!("\n  {error}")),
+            "{text} lacks the line {error}"
+        );
+    }
+}
+
+#[test]
+fn load_reports_every_broken_file() {
+    let dir = tempfile::tempdir().expect("create temporary directory");
+    let expected = write_broken_directory(dir.path());
+
+    let error = Policies::load(dir.path(), DEFAULT_ROOT_NAMESPACE)
+        .expect_err("broken files must be rejected");
+
+    assert_errors(&error, dir.path(), &expected);
+}
+
+#[test]
+fn load_reports_unreadable_file_with_others() {
+    let dir = tempfile::tempdir().expect("create temporary directory");
+    write_policy(
+        &dir.path().join("10-bad.yaml"),
+        &policy("server", "p", "{action: AUDIT}"),
+    );
+    // Root reads files whatever their mode, so invalid UTF-8 makes the read fail.
+    fs::write(dir.path().join("20-binary.yaml"), b"kind: \xff\n").expect("write binary file");
+
+    let error = Policies::load(dir.path(), DEFAULT_ROOT_NAMESPACE)
+        .expect_err("broken files must be rejected");
+
+    let errors = error.errors();
+    assert_eq!(errors.len(), 2, "errors: {error}");
+    assert!(
+        matches!(&errors[0], Error::Invalid { field, .. } if field == "spec.action"),
+        "{:?}",
+        errors[0]
+    );
+    assert!(
+        matches!(&errors[1], Error::Read { path, .. } if path.ends_with("20-binary.yaml")),
+        "{:?}",
+        errors[1]
+    );
+}
+
+#[test]
+fn watcher_reports_every_broken_file() {
+    let dir = tempfile::tempdir().expect("create temporary directory");
+    write_policy(
+        &dir.path().join("10-good.yaml"),
+        &policy("server", "good", "{}"),
+    );
+    let mut watcher =
+        PolicyWatcher::load(dir.path(), DEFAULT_ROOT_NAMESPACE).expect("load policies");
+    let store = watcher.store();
+
+    let expected = write_broken_directory(dir.path());
+
+    match watcher.poll() {
+        Reload::Failed(error) => assert_errors(&error, dir.path(), &expected),
+        other => panic!("expected a failed reload, got {other:?}"),
+    }
+    assert_eq!(store.current().len(), 1, "previous policies kept");
+}
