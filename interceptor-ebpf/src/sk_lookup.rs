@@ -44,9 +44,10 @@ const IPPROTO_TCP: u32 = 6;
 /// A missing listener (the daemon is down) drops the connection in steps 2 and 6, so
 /// the pod fails closed. Inbound IPv6 TCP is dropped unless it comes over loopback or
 /// from the pod's own address, because the mesh carries IPv4 only. The program runs
-/// only in enrolled pods, so no enrolled app receives plaintext over IPv6. Returns 1 (`SK_PASS`) to go on with the lookup, with or
-/// without an assigned socket, and 0 (`SK_DROP`) to reset. Each drop is reported in
-/// [`INBOUND_REJECTS`].
+/// only in enrolled pods, so no enrolled app receives plaintext over IPv6.
+///
+/// Returns 1 (`SK_PASS`) to go on with the lookup, with or without an assigned socket,
+/// and 0 (`SK_DROP`) to reset. Each drop is reported in [`INBOUND_REJECTS`].
 ///
 /// # Minimum kernel version
 ///

@@ -1,14 +1,14 @@
 //! `interceptor run`: brings up one node's share of the mesh and serves it until a
 //! signal stops it.
 //!
-//! Order matters for failing closed. The directory, the node and the CA are checked
-//! first: with `--ca-addr` the daemon authenticates to the CA service and fetches the
-//! trust bundle (see [`crate::identity_manager`]), with `--ca-dir` it loads the CA key.
-//! Then each local workload gets its
-//! namespace thread, SVID and listeners; only then are the programs attached and the
-//! workloads enrolled, so an enrolled pod never finds its listener missing while the
-//! daemon runs. On exit the pinned programs stay, and enrolled pods' connects fail until
-//! a daemon is back.
+//! Order matters for failing closed. The directory, the node, the policies and the CA
+//! are checked first: with `--ca-addr` the daemon authenticates to the CA service and
+//! fetches the trust bundle (see [`crate::identity_manager`]), with `--ca-dir` it loads
+//! the CA key. Then each local workload gets its namespace thread, SVID and listeners.
+//! Only then are the programs attached and the workloads enrolled, so an enrolled pod
+//! never finds its listener missing while the daemon runs. On exit the pinned programs
+//! stay, and enrolled pods' connects and inbound connections fail until a daemon is
+//! back.
 
 #![allow(clippy::result_large_err)]
 
