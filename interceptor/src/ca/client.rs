@@ -5,10 +5,10 @@
 //! the node key, which is written to the state directory (mode 0600) so that a restarted
 //! daemon authenticates with its node SVID instead of a new join token.
 
-use std::fs::{self, OpenOptions};
-use std::io::{self, Write};
+use std::fs;
+use std::io;
 use std::net::SocketAddr;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -19,6 +19,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tonic::transport::{Channel, Endpoint, Uri};
 
+use super::files;
 use super::proto::certificate_service_client::CertificateServiceClient;
 use super::proto::{AttestNodeRequest, CreateCertificateRequest, TrustBundleRequest};
 use super::tokens;
@@ -482,27 +483,10 @@ fn read_bundle_pem(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static
     Ok(roots)
 }
 
+/// Writes a file of the state directory, see [`files::write_atomically`].
 fn write_atomically(path: &Path, contents: &[u8], mode: u32) -> Result<(), Error> {
-    let write_error = |path: &Path| {
-        let path = path.to_owned();
-        move |source| Error::Write { path, source }
-    };
-    let file_name = path
-        .file_name()
-        .map(|name| name.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let temporary = path.with_file_name(format!(".{file_name}.new"));
-    let _ = fs::remove_file(&temporary);
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&temporary)
-        .map_err(write_error(&temporary))?;
-    file.write_all(contents)
-        .and_then(|()| file.sync_all())
-        .map_err(write_error(&temporary))?;
-    fs::rename(&temporary, path).map_err(write_error(path))
+    files::write_atomically(path, contents, mode)
+        .map_err(|(path, source)| Error::Write { path, source })
 }
 
 #[cfg(test)]

@@ -21,6 +21,7 @@
 
 pub mod client;
 pub mod csr;
+mod files;
 mod service;
 pub mod store;
 pub mod tokens;

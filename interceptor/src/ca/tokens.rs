@@ -5,15 +5,16 @@
 //! expiry in `<ca-dir>/join-tokens/NAME` (mode 0600). Redeeming a token removes that
 //! file, so each token works once; a new token for the same node replaces an unused one.
 
-use std::fs::{self, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::fs;
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ring::digest;
 use ring::rand::{SecureRandom, SystemRandom};
 
+use super::files;
 use crate::identity::{NodeId, TrustDomain};
 
 /// Directory of the token files inside the CA directory.
@@ -99,30 +100,10 @@ pub fn write_token_file(path: &Path, token: &str) -> Result<(), Error> {
     write_private(path, format!("{token}\n").as_bytes())
 }
 
-/// Writes `contents` to `path` with mode 0600 through a temporary file in the same
-/// directory and a rename, so a reader never sees half a file and an existing file with
-/// a wider mode is replaced, not reused.
+/// Writes `contents` to `path` with mode 0600, see [`files::write_atomically`].
 fn write_private(path: &Path, contents: &[u8]) -> Result<(), Error> {
-    let write_error = |path: &Path| {
-        let path = path.to_owned();
-        move |source| Error::Write { path, source }
-    };
-    let name = path
-        .file_name()
-        .map(|name| name.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let temporary = path.with_file_name(format!(".{name}.new"));
-    let _ = fs::remove_file(&temporary);
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&temporary)
-        .map_err(write_error(&temporary))?;
-    file.write_all(contents)
-        .and_then(|()| file.sync_all())
-        .map_err(write_error(&temporary))?;
-    fs::rename(&temporary, path).map_err(write_error(path))
+    files::write_atomically(path, contents, 0o600)
+        .map_err(|(path, source)| Error::Write { path, source })
 }
 
 /// Redeems `token` for `node` at time `now`: checks it against the stored hash and
