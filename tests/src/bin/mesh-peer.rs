@@ -508,6 +508,14 @@ fn exchange(
         error: "reader thread panicked".to_owned(),
     })?;
     progress.received = echoed;
+    // The reader and the writer share the socket, and a reset's ECONNRESET is reported
+    // to only one of them. When the reader took it, the writer gets another error
+    // (ENOTCONN on Linux 6.18), so the reader's reset names the cause.
+    if let (Err(_), Err(read_error)) = (&write_result, &read_result) {
+        if FailureKind::from_io(read_error) == FailureKind::Reset {
+            return Err(Failure::io("read", read_error));
+        }
+    }
     write_result.map_err(|err| Failure::io("write", &err))?;
     read_result.map_err(|err| Failure::io("read", &err))?;
 
