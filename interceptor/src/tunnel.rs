@@ -362,39 +362,27 @@ pub(crate) fn log_close(
     let duration_ms = started.elapsed().as_millis() as u64;
     let policy = summary.policy.as_deref().unwrap_or_default();
     let dry_run = summary.dry_run.as_str();
-    match result {
-        Ok(()) => info!(
-            dst,
-            src_identity,
-            dst_identity,
-            policy,
-            dry_run,
-            mode = summary.mode,
-            tls = summary.tls,
-            cipher = summary.cipher.unwrap_or_default(),
-            relay = summary.relay,
-            bytes_sent = summary.moved.app_to_tunnel,
-            bytes_received = summary.moved.tunnel_to_app,
-            duration_ms,
-            "connection closed"
-        ),
-        Err(error) => info!(
-            dst,
-            src_identity,
-            dst_identity,
-            policy,
-            dry_run,
-            mode = summary.mode,
-            tls = summary.tls,
-            cipher = summary.cipher.unwrap_or_default(),
-            relay = summary.relay,
-            bytes_sent = summary.moved.app_to_tunnel,
-            bytes_received = summary.moved.tunnel_to_app,
-            duration_ms,
-            error = %ErrorChain(error),
-            "connection closed"
-        ),
-    }
+    // A `None` field is not recorded, so a clean close carries no `error` field.
+    let error = result
+        .as_ref()
+        .err()
+        .map(|error| tracing::field::display(ErrorChain(error)));
+    info!(
+        dst,
+        src_identity,
+        dst_identity,
+        policy,
+        dry_run,
+        mode = summary.mode,
+        tls = summary.tls,
+        cipher = summary.cipher.unwrap_or_default(),
+        relay = summary.relay,
+        bytes_sent = summary.moved.app_to_tunnel,
+        bytes_received = summary.moved.tunnel_to_app,
+        duration_ms,
+        error,
+        "connection closed"
+    );
 }
 
 /// Returns the `result` metric label of a closed connection: "ok", "denied" or
