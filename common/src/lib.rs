@@ -267,8 +267,8 @@ const _: () = assert!(size_of::<ListenerKey>() == 8);
 /// of its `connect`.
 ///
 /// The daemon's SYN reaches the pod address over `lo` from an address that is not the
-/// pod's, so nothing in the `sk_lookup` context tells it apart from a client's SYN;
-/// the exact 4-tuple does.
+/// pod's, so nothing in the `sk_lookup` context distinguishes it from a client's SYN.
+/// Only the exact 4-tuple does.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct DeliveryKey {

@@ -168,7 +168,7 @@ impl fmt::Display for Reason {
     }
 }
 
-/// What a dry-run policy would have decided, had it been enforced.
+/// Decision of a dry-run policy, which it would have enforced were it not a dry run.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DryRunMatch {
     /// `namespace/name` of the policy.

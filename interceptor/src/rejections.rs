@@ -260,8 +260,8 @@ impl PodNames {
         }
     }
 
-    // NOTE: two pods with the same IPv6 address (a link-local address set by hand on
-    // both, say) are not distinguished; the address names the pod scanned last.
+    // NOTE: two pods with the same IPv6 address (for example a link-local address set
+    // by hand on both) are not distinguished. The address then names the pod scanned last.
     async fn scan_ipv6(&mut self) {
         self.last_scan = Some(Instant::now());
         self.by_ipv6.clear();

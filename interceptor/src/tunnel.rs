@@ -12,7 +12,7 @@
 //!
 //! Server side ([`serve_tunnel`]): accepts TLS from any workload of the trust domain,
 //! reads the preamble, delivers only to its own pod's IP and never to the daemon's
-//! ports, checks the connection against the policies, answers with a status and
+//! ports, checks the connection against the policies, sends a status and
 //! relays. In ambient mode the delivery keeps the client's address as its source
 //! (see [`crate::inbound`]).
 //!
@@ -387,7 +387,7 @@ pub(crate) fn log_close(
 
 /// Returns the `result` metric label of a closed connection: "ok", "denied" or
 /// "error". A denial is one by this node's policies, at accept or by a reload cut, or
-/// one by the destination's node, which answers with the `denied` tunnel status.
+/// one by the destination's node, which sends the `denied` tunnel status.
 fn close_result(result: &Result<(), Error>) -> &'static str {
     match result {
         Ok(()) => "ok",

@@ -124,7 +124,7 @@ struct Handshake {
 
 /// Opens a tunnel from `from_pod`'s namespace to `server_pod`'s tunnel port, as a
 /// daemon would, presenting `svid` and trusting `bundle`, and requests the echo server
-/// of `server_pod`. Succeeds once the server answered with the connected status; a
+/// of `server_pod`. Succeeds once the server has sent the connected status. A
 /// certificate that either side rejects fails it.
 fn handshake(
     from_pod: &Pod,

@@ -719,7 +719,7 @@ fn start_traffic(island: &Island, pod: &Pod, dst: &str) -> Traffic {
 /// The daemons run with `--policy-reload-cuts-denied`.
 ///
 /// n1-p1 and n1-p3 send continuous traffic to 8080, two streams each, and each client
-/// holds one connection open, while the policy file is rewritten: a new DENY on 8081,
+/// keeps one connection open, while the policy file is rewritten: a new DENY on 8081,
 /// a broken file, a new DENY for n1-p2, and a last change. No allowed request may
 /// fail, the broken file must leave the previous policies in force, and from the
 /// DENY for n1-p2 on, n1-p2's open connection is cut and its new ones are reset.

@@ -393,6 +393,7 @@ impl NodeState {
         if !cert_path.exists() || !key_path.exists() {
             return Ok(None);
         }
+
         let key_pem =
             tokens::read_private(&key_path).map_err(|error| Error::PrivateFile(Box::new(error)))?;
         let key = PrivatePkcs8KeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|error| {
@@ -401,6 +402,7 @@ impl NodeState {
                 reason: error.to_string(),
             }
         })?;
+
         let cert_pem = fs::read(&cert_path).map_err(|source| Error::Read {
             path: cert_path.clone(),
             source,
@@ -411,6 +413,7 @@ impl NodeState {
                 path: cert_path.clone(),
                 reason: error.to_string(),
             })?;
+
         let Some(leaf) = chain.first() else {
             return Ok(None);
         };
